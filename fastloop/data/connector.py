@@ -1,0 +1,138 @@
+"""Where each stage's data comes from, how many batches it gives, and batch transfer.
+
+Sources, first found wins: loaders passed to the entry point, the ``DataModule``'s method, the
+module's ``*_dataloader`` method. Eval stages accept a list of loaders (``dataloader_idx``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+
+import torch
+
+from fastloop.datamodule import DataModule
+from fastloop.hooks import is_overridden
+from fastloop.module import Module
+
+if TYPE_CHECKING:
+    from fastloop.trainer import Trainer
+
+Limit = Union[int, float]
+_HOOK_NAMES = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader",
+               "predict": "predict_dataloader"}
+
+
+@dataclass
+class StageData:
+    loaders: List[Any]
+    max_batches: List[Limit]
+
+    @property
+    def total_batches(self) -> Limit:
+        return sum(self.max_batches) if self.loaders else 0
+
+
+def count_batches(loader: Any, limit: Limit, what: str) -> Limit:
+    """Batches to run from ``loader`` given a ``limit_*_batches`` value (int count or fraction)."""
+    try:
+        n: Limit = len(loader)
+    except TypeError:
+        n = math.inf
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
+        raise ValueError(f"{what} must be a non-negative int or a float in [0, 1], got {limit!r}")
+    if isinstance(limit, int):
+        return min(n, limit)
+    if limit > 1.0:
+        raise ValueError(f"{what}={limit} is a fraction above 1.0; pass an int to count batches")
+    if limit == 1.0:
+        return n
+    if n == math.inf:
+        raise ValueError(f"{what}={limit} is a fraction, which needs a loader with len(); pass an int")
+    return int(n * limit)
+
+
+class DataConnector:
+    """Resolves and caches the loaders of one entry-point call."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self._trainer = trainer
+        self._explicit: Dict[str, Any] = {}
+        self.datamodule: Optional[DataModule] = None
+        self._cache: Dict[str, StageData] = {}
+        self._transfer_needed = True
+
+    def attach(self, datamodule: Optional[DataModule] = None, **explicit: Any) -> None:
+        self.datamodule = datamodule
+        self._explicit = {k: v for k, v in explicit.items() if v is not None}
+        self._cache = {}
+        module = self._trainer.module
+        hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+        self._transfer_needed = self._trainer.device.type != "cpu" or any(
+            is_overridden(h, module, Module) for h in hooks
+        )
+
+    def has_source(self, stage: str) -> bool:
+        name = _HOOK_NAMES[stage]
+        if stage in self._explicit:
+            return True
+        if self.datamodule is not None and is_overridden(name, self.datamodule, DataModule):
+            return True
+        return is_overridden(name, self._trainer.module, Module)
+
+    def stage_data(self, stage: str, limit: Limit) -> StageData:
+        """Loaders of ``stage`` and the batches to run from each (requested once per call)."""
+        if stage not in self._cache:
+            loaders = self._request(stage)
+            what = f"limit_{stage}_batches"
+            self._cache[stage] = StageData(loaders, [count_batches(dl, limit, what) for dl in loaders])
+        return self._cache[stage]
+
+    def _request(self, stage: str) -> List[Any]:
+        name = _HOOK_NAMES[stage]
+        if stage in self._explicit:
+            source = self._explicit[stage]
+        elif self.datamodule is not None and is_overridden(name, self.datamodule, DataModule):
+            source = getattr(self.datamodule, name)()
+        elif is_overridden(name, self._trainer.module, Module):
+            source = self._trainer.hooks.call_module(name)
+        else:
+            return []
+        if source is None:
+            return []
+        loaders = list(source) if isinstance(source, (list, tuple)) else [source]
+        if stage == "train" and len(loaders) != 1:
+            raise ValueError(f"training takes one loader, got {len(loaders)}")
+        for i, loader in enumerate(loaders):
+            if not hasattr(loader, "__iter__"):
+                raise TypeError(f"{name} source {i} is a {type(loader).__name__}, which is not iterable")
+        return loaders
+
+    def transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Run the batch-transfer hooks: before, to device, after."""
+        if not self._transfer_needed:
+            return batch
+        hooks = self._trainer.hooks
+        batch = hooks.call_module("on_before_batch_transfer", batch, dataloader_idx)
+        batch = hooks.call_module("transfer_batch_to_device", batch, self._trainer.device, dataloader_idx)
+        return hooks.call_module("on_after_batch_transfer", batch, dataloader_idx)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Tell a loader (or its sampler) which epoch starts, for per-epoch shuffling."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
+
+
+def device_of(accelerator: str) -> torch.device:
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"accelerator={accelerator!r} was requested but CUDA is not available")
+        return torch.device("cuda")
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"accelerator must be 'auto', 'cpu', 'cuda' or 'gpu', got {accelerator!r}")

@@ -1,0 +1,64 @@
+"""Fetch batches one ahead of the loop, so the loop knows which batch is the last one.
+
+Knowing the last batch in advance matters for loaders without ``len()``: end-of-epoch work
+(the final accumulation step, end-of-epoch validation and schedulers) happens on that batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from fastloop.seed import isolate_rng
+
+_END = object()
+
+
+class DataFetcher(Iterator[Any]):
+    """Iterates ``iterable`` for at most ``limit`` batches, keeping one batch in hand."""
+
+    def __init__(self, iterable: Iterable[Any], limit: Union[int, float] = math.inf) -> None:
+        self.iterable = iterable
+        self.limit = limit
+        self.fetched = 0
+        self.done = False
+        self._iterator: Optional[Iterator[Any]] = None
+        self._next: Any = _END
+
+    def start(self, skip: int = 0) -> "DataFetcher":
+        """Begin an epoch; discard the first ``skip`` batches (resuming a plain iterable)."""
+        self._iterator = iter(self.iterable)
+        self.fetched = 0
+        if skip:
+            # Fetching to discard must not shift the run's random draws (augmentations).
+            with isolate_rng():
+                for _ in range(skip):
+                    if self._fetch() is _END:
+                        break
+        self._next = self._fetch()
+        self.done = self._next is _END
+        return self
+
+    def _fetch(self) -> Any:
+        if self.fetched >= self.limit:
+            return _END
+        try:
+            batch = next(self._iterator)  # type: ignore[arg-type]
+        except StopIteration:
+            return _END
+        self.fetched += 1
+        return batch
+
+    def __iter__(self) -> "DataFetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._next is _END:
+            raise StopIteration
+        batch, self._next = self._next, self._fetch()
+        self.done = self._next is _END
+        return batch
+
+    def close(self) -> None:
+        """Drop the iterator so loader workers (threads, processes) can shut down."""
+        self._iterator = None
+        self._next = _END

@@ -1,0 +1,501 @@
+"""``Trainer``: the facade. It owns the four top-level loops, configures a run, and saves and
+restores checkpoints; the loops do the work.
+
+``fit/validate/test/predict`` each run whatever loop is assigned to ``fit_loop``,
+``validate_loop``, ``test_loop`` or ``predict_loop``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+
+from fastloop import __version__
+from fastloop.callback import Callback
+from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
+from fastloop.config import (
+    CompileConfig, Limits, OptimizationConfig, RunConfig, ValidationSchedule, resolve_mode,
+)
+from fastloop.data.connector import DataConnector, StageData, device_of
+from fastloop.datamodule import DataModule
+from fastloop.hooks import HookDispatcher
+from fastloop.loops import EvaluationLoop, FitLoop, Loop, PredictionLoop, TrainingEpochLoop
+from fastloop.module import Module
+from fastloop.optim import LoopOptimizer, SchedulerConfig, active_optimizer_indices, parse_optimizers
+from fastloop.results import MetricLogger
+from fastloop.seed import capture_rng_states, restore_rng_states
+from fastloop.state import TrainerState
+
+_LOOP_KEYS = {"fit": "fit_loop", "validate": "validate_loop", "test": "test_loop", "predict": "predict_loop"}
+
+
+def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
+    """``loop`` and every loop below it, parents first, with dotted paths."""
+    yield prefix, loop
+    for name, child in loop.children():
+        yield from iter_loops(child, f"{prefix}.{name}")
+
+
+class Trainer:
+    """Runs a ``Module`` through fit/validate/test/predict loops."""
+
+    def __init__(
+        self,
+        *,
+        max_epochs: Optional[int] = None,
+        min_epochs: Optional[int] = None,
+        max_steps: int = -1,
+        min_steps: Optional[int] = None,
+        limit_train_batches: Union[int, float] = 1.0,
+        limit_val_batches: Union[int, float] = 1.0,
+        limit_test_batches: Union[int, float] = 1.0,
+        limit_predict_batches: Union[int, float] = 1.0,
+        val_check_interval: Union[int, float] = 1.0,
+        check_val_every_n_epoch: Optional[int] = 1,
+        num_sanity_val_steps: int = 2,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: str = "norm",
+        callbacks: Optional[Sequence[Callback]] = None,
+        default_root_dir: Optional[str] = None,
+        enable_progress_bar: bool = True,
+        mode: str = "auto",
+        accelerator: str = "auto",
+        precision: str = "32",
+        compile_config: Optional[CompileConfig] = None,
+    ) -> None:
+        if max_epochs is None and max_steps == -1:
+            max_epochs = 1000  # Lightning's default when no stopping criterion is given
+        self.config = RunConfig(
+            limits=Limits(max_epochs, min_epochs, max_steps, min_steps, limit_train_batches, limit_val_batches,
+                          limit_test_batches, limit_predict_batches),
+            validation=ValidationSchedule(val_check_interval, check_val_every_n_epoch, num_sanity_val_steps),
+            optimization=OptimizationConfig(accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm),
+            compile=compile_config or CompileConfig(),
+            mode=mode, accelerator=accelerator, precision=str(precision),
+            default_root_dir=default_root_dir, enable_progress_bar=enable_progress_bar,
+        )
+        self.mode = resolve_mode(mode)
+        self.device = device_of(accelerator)
+        self.callbacks: List[Callback] = list(callbacks or [])
+        if enable_progress_bar:
+            from fastloop.callbacks.progress import ProgressBar
+
+            if not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
+                self.callbacks.append(ProgressBar())
+        self.default_root_dir = default_root_dir or os.getcwd()
+        self.state = TrainerState()
+        self.metrics = MetricLogger(self)
+        self.data = DataConnector(self)
+        self.should_stop = False
+        self.module: Optional[Module] = None
+        self.hooks: HookDispatcher = HookDispatcher(self, Module(), self.callbacks)
+        self.optimizers: List[Optimizer] = []
+        self.optimizer_wrappers: List[LoopOptimizer] = []
+        self.lr_scheduler_configs: List[SchedulerConfig] = []
+        self.optimizer_frequencies: List[int] = []
+        self.train_data: Optional[StageData] = None
+        self.val_check_batch: Union[int, float] = math.inf
+        self._running_fit_loop: Optional[FitLoop] = None
+        self._sanity_done = False
+        self._loops_ready = False
+
+        limits = self.config.limits
+        fit_loop = FitLoop(min_epochs=limits.min_epochs or 0, max_epochs=limits.max_epochs)
+        fit_loop.connect(epoch_loop=TrainingEpochLoop(min_steps=limits.min_steps, max_steps=limits.max_steps))
+        self.fit_loop = fit_loop
+        self.validate_loop = EvaluationLoop()
+        self.test_loop = EvaluationLoop()
+        self.predict_loop = PredictionLoop()
+
+    # ------------------------------------------------------------- top-level loops
+    def _loop_property(name: str) -> property:  # type: ignore[misc]
+        def getter(self: "Trainer") -> Loop:
+            return getattr(self, "_" + name)
+
+        def setter(self: "Trainer", loop: Loop) -> None:
+            if not isinstance(loop, Loop):
+                raise TypeError(f"trainer.{name} must be a Loop, got {type(loop).__name__}")
+            loop.trainer = self
+            setattr(self, "_" + name, loop)
+
+        return property(getter, setter, doc=f"The loop that ``trainer.{name.split('_')[0]}`` runs.")
+
+    fit_loop = _loop_property("fit_loop")
+    validate_loop = _loop_property("validate_loop")
+    test_loop = _loop_property("test_loop")
+    predict_loop = _loop_property("predict_loop")
+    del _loop_property
+
+    # ----------------------------------------------------------------- entry points
+    def fit(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: Optional[DataModule] = None, ckpt_path: Optional[str] = None) -> None:
+        self._run("fit", model, datamodule, ckpt_path, train=train_dataloaders, val=val_dataloaders)
+
+    def validate(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
+                 ckpt_path: Optional[str] = None) -> List[Dict[str, float]]:
+        return self._run("validate", model, datamodule, ckpt_path, val=dataloaders)
+
+    def test(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
+             ckpt_path: Optional[str] = None) -> List[Dict[str, float]]:
+        return self._run("test", model, datamodule, ckpt_path, test=dataloaders)
+
+    def predict(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
+                ckpt_path: Optional[str] = None) -> Any:
+        return self._run("predict", model, datamodule, ckpt_path, predict=dataloaders)
+
+    def _run(self, fn: str, model: Module, datamodule: Optional[DataModule], ckpt_path: Optional[str],
+             **loaders: Any) -> Any:
+        if not isinstance(model, Module):
+            raise TypeError(f"trainer.{fn}() needs a fastloop.Module, got {type(model).__name__}")
+        if datamodule is not None and any(v is not None for v in loaders.values()):
+            raise ValueError(f"trainer.{fn}() got both dataloaders and a datamodule; pass one of them")
+        checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+        stage = {"validate": "validate", "test": "test", "predict": "predict"}.get(fn)
+        self.module = model
+        model._trainer = self
+        self.should_stop = False
+        self._sanity_done = False
+        self._loops_ready = False
+        self.train_data = None
+        self.hooks = HookDispatcher(self, model, self.callbacks + list(model.configure_callbacks() or []))
+        self.data.attach(datamodule, **loaders)
+        loop: Loop = getattr(self, _LOOP_KEYS[fn])
+        with self.state.running(fn):
+            try:
+                self._prepare(fn, model, datamodule, checkpoint)
+                self._setup_loops(loop, _LOOP_KEYS[fn])
+                if checkpoint is not None:
+                    self._restore_run_state(checkpoint, fn, loop)
+                if fn == "fit":
+                    self.hooks.call("on_fit_start")
+                if checkpoint is not None and "rng_states" in checkpoint and fn == "fit":
+                    restore_rng_states(checkpoint["rng_states"])
+                if stage is None:
+                    result = loop.run()
+                else:
+                    with self.state.stage_as(stage):
+                        result = loop.run()
+                if fn == "fit":
+                    self.hooks.call("on_fit_end")
+                self._teardown(fn, datamodule)
+            except BaseException as exc:
+                self.hooks.call_callbacks("on_exception", exc)
+                loop.teardown()
+                raise
+        return result
+
+    def _prepare(self, fn: str, model: Module, datamodule: Optional[DataModule],
+                 checkpoint: Optional[Dict[str, Any]]) -> None:
+        if datamodule is not None:
+            datamodule.prepare_data()
+        self.hooks.call_module("prepare_data")
+        self.hooks.call_callbacks("setup", fn)
+        if datamodule is not None:
+            datamodule.setup(fn)
+        self.hooks.call_module("setup", fn)
+        model.to(self.device)
+        if checkpoint is not None:
+            self._restore_model(checkpoint)
+        if fn == "fit":
+            self.setup_optimizers()
+
+    def _teardown(self, fn: str, datamodule: Optional[DataModule]) -> None:
+        self.hooks.call_callbacks("teardown", fn)
+        if datamodule is not None:
+            datamodule.teardown(fn)
+        self.hooks.call_module("teardown", fn)
+
+    def _setup_loops(self, loop: Loop, name: str) -> None:
+        loop.trainer = self
+        for _, child in iter_loops(loop, name):
+            child.setup()
+        self._loops_ready = True
+
+    def setup_optimizers(self) -> None:
+        """Call ``configure_optimizers`` and wrap the optimizers (again, for outer loops that
+        restart training, such as cross-validation folds)."""
+        parsed = parse_optimizers(self.hooks.call_module("configure_optimizers"))
+        self.optimizers = parsed.optimizers
+        self.lr_scheduler_configs = parsed.schedulers
+        self.optimizer_frequencies = parsed.frequencies
+        self.optimizer_wrappers = [LoopOptimizer(opt, i, self) for i, opt in enumerate(self.optimizers)]
+        if self.state.fitting and self._loops_ready:
+            # Steps are built for specific optimizers: rebuild them for the new ones.
+            self._setup_loops(self.fit_loop, "fit_loop")
+
+    # --------------------------------------------------------------- fit-time data
+    def prepare_training_data(self) -> None:
+        """Request the training loader (``train_dataloader``) and derive batch counts."""
+        data = self.data.stage_data("train", self.config.limits.limit_train_batches)
+        if not data.loaders:
+            raise ValueError(
+                "no training data: pass `train_dataloaders` to fit(), a datamodule, or define "
+                "`train_dataloader()` on the module"
+            )
+        self.train_data = data
+        n = data.max_batches[0]
+        interval = self.config.validation.val_check_interval
+        if isinstance(interval, float):
+            if n == math.inf:
+                if interval != 1.0:
+                    raise ValueError("val_check_interval as a fraction below 1.0 needs a training loader with len()")
+                self.val_check_batch = math.inf
+            else:
+                self.val_check_batch = max(1, int(n * interval))
+        else:
+            if interval > n and self.config.validation.check_val_every_n_epoch is not None:
+                raise ValueError(
+                    f"val_check_interval={interval} is more than the {n} training batches per epoch; "
+                    "set check_val_every_n_epoch=None to count batches across epochs"
+                )
+            self.val_check_batch = interval
+
+    @property
+    def num_training_batches(self) -> Union[int, float]:
+        return self.train_data.max_batches[0] if self.train_data is not None else math.inf
+
+    def eval_data(self) -> StageData:
+        """Loaders of the running evaluation (validation or test), with the stage's limits."""
+        limits = self.config.limits
+        if self.state.testing:
+            return self.data.stage_data("test", limits.limit_test_batches)
+        data = self.data.stage_data("val", limits.limit_val_batches)
+        if self.state.sanity_checking:
+            steps = self.config.validation.num_sanity_val_steps
+            if steps != -1:
+                return StageData(data.loaders, [min(m, steps) for m in data.max_batches])
+        return data
+
+    def predict_data(self) -> StageData:
+        return self.data.stage_data("predict", self.config.limits.limit_predict_batches)
+
+    @property
+    def validation_enabled(self) -> bool:
+        module = self.module
+        return (
+            module is not None and self.hooks.module_overrides("validation_step") and self.data.has_source("val")
+            and self.config.limits.limit_val_batches != 0
+        )
+
+    def _sanity_check_due(self) -> bool:
+        due = not self._sanity_done and self.validation_enabled and self.config.validation.num_sanity_val_steps != 0
+        self._sanity_done = True
+        return due
+
+    def _resume_loader_position(self, loader: Any, next_batch: int) -> bool:
+        """Let a loader with its own state (``TensorLoader``) resume at ``next_batch``."""
+        if not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))):
+            return False
+        if isinstance(loader, torch.utils.data.DataLoader):
+            return False
+        state = dict(loader.state_dict())
+        if "next_batch" not in state:
+            return False
+        state["next_batch"] = next_batch
+        loader.load_state_dict(state)
+        return True
+
+    # -------------------------------------------------------------- step plumbing
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.config.optimization.accumulate_grad_batches
+
+    @property
+    def gradient_clip_val(self) -> Optional[float]:
+        return self.config.optimization.gradient_clip_val
+
+    @property
+    def gradient_clip_algorithm(self) -> str:
+        return self.config.optimization.gradient_clip_algorithm
+
+    def active_optimizer_indices(self, batch_idx: int) -> List[int]:
+        return active_optimizer_indices(len(self.optimizers), self.optimizer_frequencies, batch_idx)
+
+    @property
+    def should_accumulate(self) -> bool:
+        """Whether the running batch only accumulates gradients (no optimizer step)."""
+        fit_loop = self._counting_fit_loop()
+        return fit_loop is not None and fit_loop.epoch_loop._should_accumulate()
+
+    def _run_backward(self, loss: torch.Tensor, optimizer: Optional[Optimizer], opt_idx: Optional[int],
+                      *args: Any, **kwargs: Any) -> None:
+        self.hooks.call("on_before_backward", loss)
+        self.hooks.call_module("backward", loss, optimizer, opt_idx, *args, **kwargs)
+        self.hooks.call("on_after_backward")
+
+    def _after_closure(self, optimizer: Optimizer, opt_idx: int) -> None:
+        """Between the closure (backward) and the torch optimizer step."""
+        self.hooks.call("on_before_optimizer_step", optimizer, opt_idx)
+        if self.module is not None and self.module.automatic_optimization:
+            self.hooks.call_module(
+                "configure_gradient_clipping", optimizer, opt_idx, self.gradient_clip_val, self.gradient_clip_algorithm,
+            )
+
+    # ------------------------------------------------------------------ counters
+    def _register_fit_loop(self, loop: FitLoop) -> None:
+        self._running_fit_loop = loop
+
+    def _counting_fit_loop(self) -> Optional[FitLoop]:
+        """The fit loop whose counters are the trainer's: the running one, else the first in the tree."""
+        if self._running_fit_loop is not None:
+            return self._running_fit_loop
+        for _, loop in iter_loops(self.fit_loop, "fit_loop"):
+            if isinstance(loop, FitLoop):
+                return loop
+        return None
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (all optimizers), as in Lightning 1.6+."""
+        loop = self._counting_fit_loop()
+        return loop.epoch_loop.global_step if loop is not None else 0
+
+    @property
+    def current_epoch(self) -> int:
+        """Completed training epochs."""
+        loop = self._counting_fit_loop()
+        return loop.epoch_progress.current.completed if loop is not None else 0
+
+    @property
+    def is_last_batch(self) -> bool:
+        loop = self._counting_fit_loop()
+        return loop is not None and loop.epoch_loop.batch_progress.is_last_batch
+
+    @property
+    def max_epochs(self) -> Optional[int]:
+        loop = self._counting_fit_loop()
+        return loop.max_epochs if loop is not None else None
+
+    @property
+    def max_steps(self) -> int:
+        loop = self._counting_fit_loop()
+        return loop.max_steps if loop is not None else -1
+
+    @property
+    def lightning_module(self) -> Optional[Module]:
+        return self.module
+
+    @property
+    def model(self) -> Optional[Module]:
+        return self.module
+
+    @property
+    def datamodule(self) -> Optional[DataModule]:
+        return self.data.datamodule
+
+    @property
+    def callback_metrics(self) -> Dict[str, torch.Tensor]:
+        return self.metrics.callback_metrics
+
+    @property
+    def logged_metrics(self) -> Dict[str, torch.Tensor]:
+        return self.metrics.logged_metrics
+
+    @property
+    def progress_bar_metrics(self) -> Dict[str, torch.Tensor]:
+        return self.metrics.progress_bar_metrics
+
+    @property
+    def training(self) -> bool:
+        return self.state.training
+
+    @property
+    def validating(self) -> bool:
+        return self.state.validating
+
+    @property
+    def testing(self) -> bool:
+        return self.state.testing
+
+    @property
+    def predicting(self) -> bool:
+        return self.state.predicting
+
+    @property
+    def sanity_checking(self) -> bool:
+        return self.state.sanity_checking
+
+    def explain(self) -> str:
+        """For each loop that runs steps: the mode used and, for every fallback, why."""
+        lines = [f"fastloop {__version__}: mode requested {self.mode!r}, device {self.device}"]
+        for key in _LOOP_KEYS.values():
+            for path, loop in iter_loops(getattr(self, key), key):
+                report = getattr(loop, "step_report", None)
+                if report is not None:
+                    lines.append(f"  {path} ({type(loop).__name__}): {report.describe()}")
+        if len(lines) == 1:
+            lines.append("  no step has been built yet: call fit/validate/test/predict first")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
+        """Write a checkpoint atomically: a reader sees the old file or the whole new one."""
+        if self.module is None:
+            raise RuntimeError("save_checkpoint() needs a model: call fit/validate/test/predict first")
+        atomic_save(self.dump_checkpoint(weights_only), filepath)
+
+    def dump_checkpoint(self, weights_only: bool = False) -> Dict[str, Any]:
+        assert self.module is not None
+        checkpoint: Dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "fastloop_version": __version__,
+            "epoch": self.current_epoch,
+            "global_step": self.global_step,
+            "state_dict": self.module.state_dict(),
+        }
+        if not weights_only:
+            checkpoint["loops"] = {key: getattr(self, key).state_dict() for key in _LOOP_KEYS.values()}
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in self.optimizers]
+            checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in self.lr_scheduler_configs]
+            checkpoint["rng_states"] = capture_rng_states()
+            checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in self.hooks.callbacks}
+            if self.datamodule is not None:
+                checkpoint["datamodule"] = self.datamodule.state_dict()
+            loader = self.train_data.loaders[0] if self.train_data is not None else None
+            if loader is not None and not isinstance(loader, torch.utils.data.DataLoader) and \
+                    callable(getattr(loader, "state_dict", None)):
+                checkpoint["train_loader"] = loader.state_dict()
+        self.hooks.call_callbacks("on_save_checkpoint", checkpoint)
+        self.hooks.call_module("on_save_checkpoint", checkpoint)
+        return checkpoint
+
+    def _restore_model(self, checkpoint: Dict[str, Any]) -> None:
+        assert self.module is not None
+        self.hooks.call_module("on_load_checkpoint", checkpoint)
+        self.hooks.call_callbacks("on_load_checkpoint", checkpoint)
+        self.module.load_state_dict(checkpoint["state_dict"])
+
+    def _restore_run_state(self, checkpoint: Dict[str, Any], fn: str, loop: Loop) -> None:
+        if fn != "fit":
+            return
+        states = checkpoint.get("optimizer_states")
+        if states is None:
+            raise CheckpointError("the checkpoint holds weights only; it cannot resume training")
+        if len(states) != len(self.optimizers):
+            raise CheckpointError(
+                f"the checkpoint holds {len(states)} optimizer states but configure_optimizers returned "
+                f"{len(self.optimizers)} optimizers"
+            )
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+        scheds = checkpoint.get("lr_schedulers", [])
+        if len(scheds) != len(self.lr_scheduler_configs):
+            raise CheckpointError(
+                f"the checkpoint holds {len(scheds)} LR scheduler states but configure_optimizers returned "
+                f"{len(self.lr_scheduler_configs)} schedulers"
+            )
+        for config, state in zip(self.lr_scheduler_configs, scheds):
+            config.scheduler.load_state_dict(state)
+        for cb in self.hooks.callbacks:
+            if cb.state_key in checkpoint.get("callbacks", {}):
+                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+        if self.datamodule is not None and "datamodule" in checkpoint:
+            self.datamodule.load_state_dict(checkpoint["datamodule"])
+        loops = checkpoint.get("loops", {})
+        if _LOOP_KEYS[fn] in loops:
+            loop.load_state_dict(loops[_LOOP_KEYS[fn]])
