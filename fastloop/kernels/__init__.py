@@ -26,7 +26,7 @@ __all__ = [
     "sgd_update_",
     "adam_update_",
     "clip_grads_",
-    "grad_norm",
+    "flat_grad_norm",
 ]
 
 # public name -> module that defines it (imported on first access)
@@ -34,18 +34,23 @@ _LAZY = {
     "sgd_update_": "fastloop.kernels.optim_kernels",
     "adam_update_": "fastloop.kernels.optim_kernels",
     "clip_grads_": "fastloop.kernels.grad_norm",
-    "grad_norm": "fastloop.kernels.grad_norm",
+    "flat_grad_norm": "fastloop.kernels.grad_norm",
 }
 _LAZY_MODULES = ("optim_kernels", "grad_norm", "ops")
+
+
+def _triton_installed() -> bool:
+    """Whether triton can be found, without importing it."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules['triton'] is None
+        return False
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str:
     """Try to import triton once; return '' on success, else why it failed."""
-    try:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-    except (ImportError, ValueError):  # ValueError: sys.modules['triton'] is None
+    if not _triton_installed():
         return "triton is not installed"
     try:
         import triton  # noqa: F401
@@ -69,7 +74,7 @@ def unavailable_reason() -> str:
     if not has_cuda and not _interpreter_on():
         # Checked before importing triton: importing it now would fix the interpreter
         # choice (TRITON_INTERPRET is read at import time).
-        if _triton_import_error() == "triton is not installed":
+        if not _triton_installed():
             return "triton is not installed"
         return "no CUDA device and TRITON_INTERPRET is not set"
     return _triton_import_error()

@@ -130,6 +130,6 @@ def clip_grads_(
     return norm, found_inf
 
 
-def grad_norm(grad: Tensor, *, block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+def flat_grad_norm(grad: Tensor, *, block: int = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
     """``(norm, found_inf)`` of a flat grad buffer without modifying it (see :func:`clip_grads_`)."""
     return clip_grads_(grad, block=block)

@@ -25,8 +25,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastloop.kernels import grad_norm as _gn
-from fastloop.kernels import optim_kernels as _ok
+import fastloop.kernels.grad_norm as _gn
+import fastloop.kernels.optim_kernels as _ok
 
 
 def _interpreted() -> bool:
