@@ -179,6 +179,11 @@ def sgd_update_(
     ``weight_decay``. With ``momentum_buffer=None`` the momentum and dampening values are
     not read. ``nesterov``/``maximize`` are compile-time flags. ``block`` is the number of
     elements per program; ``wrap`` is applied to the kernel before launch (internal).
+
+    ``torch.optim.SGD`` keeps no step count; here ``step_t`` only marks the first update.
+    To resume from a torch momentum buffer, copy it into ``momentum_buffer`` and set
+    ``step_t`` to 1 or more. torch's check that nesterov needs ``dampening == 0`` is left
+    to the caller: dampening is a device tensor, and reading it would synchronise.
     """
     has_momentum = momentum_buffer is not None
     _check_flat("grad", grad, param)
