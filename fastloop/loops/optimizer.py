@@ -140,10 +140,11 @@ class OptimizerLoop(Loop):
         return self.optim_progress.optimizer_position >= len(self._optimizers)
 
     def reset(self) -> None:
+        # ``current`` step counters are per epoch: the epoch loop resets them.
         if self.restarting:
             self.optim_progress.reset_on_restart()
         else:
-            self.optim_progress.reset_on_run()
+            self.optim_progress.optimizer_position = 0
         self._outputs = {}
 
     def on_run_start(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> None:

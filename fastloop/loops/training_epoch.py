@@ -86,6 +86,7 @@ class TrainingEpochLoop(Loop):
         else:
             self.batch_progress.reset_on_run()
             self.scheduler_progress.reset_on_run()
+            self.batch_loop.optimizer_loop.optim_progress.optimizer.reset_on_run()
         self.val_loop.epoch_loop.batch_progress.total.reset()
         self._outputs = []
 
