@@ -255,6 +255,10 @@ class Trainer:
                 )
             self.val_check_batch = interval
 
+    def reload_dataloaders(self) -> None:
+        """Ask the data sources for fresh loaders at their next use (outer loops changing data)."""
+        self.data.clear_cache()
+
     @property
     def num_training_batches(self) -> Union[int, float]:
         return self.train_data.max_batches[0] if self.train_data is not None else math.inf

@@ -72,6 +72,9 @@ class DataConnector:
             is_overridden(h, module, Module) for h in hooks
         )
 
+    def clear_cache(self) -> None:
+        self._cache = {}
+
     def has_source(self, stage: str) -> bool:
         name = _HOOK_NAMES[stage]
         if stage in self._explicit:
