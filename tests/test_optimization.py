@@ -304,3 +304,22 @@ def test_should_stop_honours_min_epochs():
     t = trainer(max_epochs=5, min_epochs=3, callbacks=[StopEarly()])
     t.fit(BoringModel(), random_loader())
     assert t.current_epoch == 3
+
+
+@pytest.mark.parametrize("bad_batch, named", [(None, "None"), ("text", "a str")])
+def test_bad_batch_types_are_named(bad_batch, named):
+    with pytest.raises(TypeError, match=f"dataloader 0 yielded {named}"):
+        trainer(max_epochs=1).fit(BoringModel(), [bad_batch, bad_batch])
+
+
+def test_missing_training_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="no training data"):
+        trainer(max_epochs=1).fit(BoringModel())
+
+
+def test_fastloop_mode_environment_variable_overrides_the_argument(monkeypatch):
+    monkeypatch.setenv("FASTLOOP_MODE", "eager")
+    assert Trainer(mode="compiled").mode == "eager"
+    monkeypatch.setenv("FASTLOOP_MODE", "fast")
+    with pytest.raises(ValueError, match="FASTLOOP_MODE must be one of"):
+        Trainer()

@@ -103,16 +103,23 @@ class DataConnector:
             return []
         if source is None:
             return []
-        loaders = list(source) if isinstance(source, (list, tuple)) else [source]
-        if stage == "train" and len(loaders) != 1:
-            raise ValueError(f"training takes one loader, got {len(loaders)}")
+        # Training takes one iterable (a list is a list of batches); evaluation stages take a
+        # loader or a list of loaders (``dataloader_idx``).
+        several = stage != "train" and isinstance(source, (list, tuple))
+        loaders = list(source) if several else [source]
         for i, loader in enumerate(loaders):
             if not hasattr(loader, "__iter__"):
                 raise TypeError(f"{name} source {i} is a {type(loader).__name__}, which is not iterable")
         return loaders
 
     def transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Run the batch-transfer hooks: before, to device, after."""
+        """Check the batch, then run the batch-transfer hooks: before, to device, after."""
+        if batch is None or isinstance(batch, (str, bytes)):
+            what = "None" if batch is None else f"a {type(batch).__name__} ({batch[:20]!r})"
+            raise TypeError(
+                f"dataloader {dataloader_idx} yielded {what} as a batch; a batch must be a tensor or a "
+                "tuple/list/dict of tensors"
+            )
         if not self._transfer_needed:
             return batch
         hooks = self._trainer.hooks
