@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 Number = Union[int, float]
 MODES = ("auto", "eager", "compiled", "cudagraph")
@@ -81,9 +81,11 @@ class OptimizationConfig:
 class CompileConfig:
     """Options of the compiled and CUDA-graph steps."""
 
-    backend: str = "inductor"
     max_graphs_per_step: int = 4  # distinct input shapes captured before falling back (cudagraph)
     cudagraph_warmup_steps: int = 3
+    # Inductor options applied while compiling, e.g. {"fallback_random": True} for dropout
+    # masks identical to eager (slower; used by the parity tests).
+    inductor_config: Optional[Dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,31 @@
 """The one place that turns a mode into step functions. Loops never branch on the mode.
 
-``build_train_step(loop)`` returns the automatic-optimization step for an ``OptimizerLoop``;
-``build_eval_step(loop)`` the forward step for evaluation and prediction loops. Each records a
-``StepReport`` on the loop: the mode requested, the mode used and, for a fallback, why.
+``build_train_step(loop)`` returns the automatic-optimization step of an ``OptimizerLoop``;
+``build_eval_step(loop)`` the step of an evaluation or prediction loop. Both run once when an
+entry point starts, decide what can be fused, and record a ``StepReport`` on the loop: the
+mode requested, the mode used and, for every fallback, the reason in plain words.
+
+``auto`` means: the CUDA-graph step on a GPU, the compiled step on a CPU, eager where neither
+can serve. Hooks that only observe a step run outside the fused graph; hooks that change it
+(listed in ``STEP_CHANGING_HOOKS``) make that loop run eagerly.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
+from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, EagerTrainStep
+from fastloop.step.inspect_fn import is_generator_function, reads_argument
 
-MODES = ("auto", "eager", "compiled", "cudagraph")
+# Hooks that can change what a step computes: overriding one keeps that loop eager.
+STEP_CHANGING_HOOKS = (
+    "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping",
+    "on_after_backward", "on_before_optimizer_step",
+)
+# OptimizerLoop extension points: a subclass overriding one of them defines its own step.
+_LOOP_EXTENSION_POINTS = ("make_step_fn", "call_training_step", "backward_kwargs")
 
 
 @dataclass
@@ -21,29 +35,125 @@ class StepReport:
     reasons: List[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        text = f"{self.used}"
-        if self.used != self.requested:
-            text += f" (requested {self.requested})"
+        text = self.used if self.used == self.requested else f"{self.used} (requested {self.requested})"
         for reason in self.reasons:
             text += f"\n    fallback: {reason}"
         return text
 
 
-def build_train_step(loop: Any) -> Callable[..., Any]:
+def target_mode(trainer: Any) -> str:
+    """The mode ``auto`` stands for on this device."""
+    if trainer.mode != "auto":
+        return trainer.mode
+    return "cudagraph" if trainer.device.type == "cuda" else "compiled"
+
+
+def _report(loop: Any, requested: str, used: str, reasons: List[str]) -> None:
+    loop.step_report = StepReport(requested, used, list(reasons))
+    if reasons and requested != "auto":
+        warnings.warn(
+            f"fastloop: {type(loop).__name__} runs eagerly: " + "; ".join(reasons), RuntimeWarning, stacklevel=4
+        )
+
+
+def train_step_blockers(loop: OptimizerLoop) -> List[str]:
+    """Why this loop's automatic-optimization step cannot be fused (empty: it can)."""
+    trainer = loop.trainer
+    module = trainer.module
+    reasons: List[str] = []
+    if not module.automatic_optimization:
+        reasons.append("manual optimization: training_step steps the optimizers itself")
+        return reasons
+    for name in _LOOP_EXTENSION_POINTS:
+        if getattr(type(loop), name) is not getattr(OptimizerLoop, name):
+            reasons.append(f"optimizer loop {type(loop).__name__} overrides {name}")
+    if is_generator_function(module.training_step):
+        reasons.append("training_step is a generator")
+    elif reads_argument(module.training_step, "batch_idx"):
+        reasons.append("training_step reads batch_idx, a Python int that would recompile the graph every step")
+    for hook in STEP_CHANGING_HOOKS:
+        owners = trainer.hooks.overridden_by(hook)
+        if owners:
+            reasons.append(f"{hook} is overridden by {', '.join(owners)} and cannot run inside the fused graph")
+    if trainer.config.precision != "32" and trainer.device.type == "cpu":
+        reasons.append(f"precision {trainer.config.precision} has no fused CPU step")
+    return reasons
+
+
+def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     trainer = loop.trainer
     requested = trainer.mode
-    reasons: List[str] = []
-    if requested != "eager":
-        reasons.append(f"{requested} mode is not available yet in this build")
-    loop.step_report = StepReport(requested, "eager", reasons)
-    return EagerTrainStep(loop)
+    mode = target_mode(trainer)
+    if mode == "eager":
+        _report(loop, requested, "eager", [])
+        return EagerTrainStep(loop)
+    reasons = train_step_blockers(loop)
+    fused = {} if reasons else _build_fused(loop, reasons)
+    if reasons:
+        _report(loop, requested, "eager", reasons)
+        return EagerTrainStep(loop)
+    from fastloop.step.compiled import CompiledTrainStep
+
+    if mode == "cudagraph":
+        from fastloop.step.cudagraph import build_cudagraph_train_step
+
+        step, why = build_cudagraph_train_step(loop, fused)
+        if step is not None:
+            _report(loop, requested, "cudagraph", [])
+            return step
+        reasons.append(why)
+    _report(loop, requested, "compiled", reasons)
+    return CompiledTrainStep(loop, fused)
+
+
+def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> dict:
+    from fastloop.step.compiled import make_loss_fn
+    from fastloop.step.fused_step import build_fused_step
+
+    trainer = loop.trainer
+    module = trainer.module
+    names = {id(p): n for n, p in module.named_parameters()}
+    several = len(trainer.optimizers) > 1
+    fused = {}
+    for idx, optimizer in enumerate(trainer.optimizers):
+        owned = [p for group in optimizer.param_groups for p in group["params"]]
+        foreign = [p for p in owned if id(p) not in names]
+        if foreign:
+            reasons.append(f"optimizer {idx} holds {len(foreign)} tensors that are not parameters of the module")
+            return {}
+        step, why = build_fused_step(
+            make_loss_fn(module, trainer.metrics, idx if several else None), module,
+            [names[id(p)] for p in owned], optimizer,
+            clip_val=trainer.gradient_clip_val or None, clip_algorithm=trainer.gradient_clip_algorithm,
+            accumulate=trainer.accumulate_grad_batches, compile=True,
+            inductor_config=trainer.config.compile.inductor_config,
+        )
+        if step is None:
+            reasons.append(why or f"optimizer {idx} cannot be fused")
+            return {}
+        fused[idx] = step
+    return fused
 
 
 def build_eval_step(loop: Any) -> Callable[..., Any]:
     trainer = loop.trainer
     requested = trainer.mode
-    reasons: List[str] = []
-    if requested != "eager":
-        reasons.append(f"{requested} mode is not available yet in this build")
-    loop.step_report = StepReport(requested, "eager", reasons)
-    return EagerEvalStep(loop)
+    mode = target_mode(trainer)
+    if mode == "eager":
+        _report(loop, requested, "eager", [])
+        return EagerEvalStep(loop)
+    reasons = []
+    module = trainer.module
+    for hook in ("validation_step", "test_step", "predict_step"):
+        fn = getattr(module, hook)
+        if trainer.hooks.module_overrides(hook) and reads_argument(fn, "batch_idx"):
+            reasons.append(f"{hook} reads batch_idx, a Python int that would recompile the graph every batch")
+    if reasons:
+        _report(loop, requested, "eager", reasons)
+        return EagerEvalStep(loop)
+    from fastloop.step._compile import CountingBackend
+    from fastloop.step.compiled import CompiledEvalStep
+
+    _report(loop, requested, "compiled", [] if mode == "compiled" else [
+        "evaluation steps run compiled; CUDA graphs capture training steps only"])
+    return CompiledEvalStep(loop, CountingBackend(trainer.config.compile.inductor_config))

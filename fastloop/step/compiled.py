@@ -1,0 +1,192 @@
+"""The compiled step: each automatic-optimization step as one fused ``torch.compile`` graph.
+
+The graph (see ``fused_step``) computes ``training_step`` with ``torch.func.functional_call``,
+its gradient with ``torch.func.grad_and_value``, accumulates, clips and applies the optimizer
+update written as tensor ops. Around it this module keeps the eager step's observable
+behaviour: the same progress counters, ``self.log`` values (returned from the graph and stored
+afterwards, without a host-device sync), and the observing hooks ``on_before_zero_grad`` and
+``on_before_backward``, which run after the graph. If the first call cannot compile, the loop
+falls back to the eager step for good and ``trainer.explain()`` says why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from fastloop.loops.optimizer import StepOutput
+from fastloop.step.eager import EagerTrainStep
+from fastloop.step.fused_step import FusedStep
+
+if TYPE_CHECKING:
+    from fastloop.loops.optimizer import OptimizerLoop
+
+
+class NotFusable(Exception):
+    """Raised while tracing when ``training_step`` does something the fused step cannot express."""
+
+
+class StepCaller(nn.Module):
+    """``forward`` calls a step method of the user's module, so that ``functional_call`` can
+    substitute parameters and buffers (names are prefixed with ``module.``)."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.module, self.method)(*args)
+
+
+def make_loss_fn(module: nn.Module, metrics: Any, optimizer_idx: Optional[int]) -> Any:
+    """``loss_fn(params, buffers, batch) -> (loss, (extra, logs))`` for the fused step.
+
+    ``batch_idx`` is passed as 0: the builder only fuses a ``training_step`` that does not read
+    it (a Python int that changes every step would recompile the graph every step).
+    """
+    caller = StepCaller(module, "training_step")
+
+    def loss_fn(params: Dict[str, Tensor], buffers: Dict[str, Tensor], batch: Any) -> Tuple[Tensor, Any]:
+        state = {"module." + k: v for k, v in {**params, **buffers}.items()}
+        args = (batch, 0) if optimizer_idx is None else (batch, 0, optimizer_idx)
+        output = torch.func.functional_call(caller, state, args)
+        loss, extra = split_output(output)
+        # Logged values leave through the graph's outputs; nothing traced may stay behind.
+        logs = tuple((name, value, tuple(sorted(options.items()))) for name, value, options in metrics.capture)
+        metrics.capture.clear()
+        return loss, (extra, logs)
+
+    return loss_fn
+
+
+def split_output(output: Any) -> Tuple[Tensor, Dict[str, Any]]:
+    if isinstance(output, Tensor):
+        return output, {}
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return output["loss"], {k: v for k, v in output.items() if k != "loss"}
+    raise NotFusable(f"training_step returned {type(output).__name__}, not a loss tensor or a dict with 'loss'")
+
+
+class CompiledTrainStep:
+    """Runs the fused step of the active optimizer; falls back to eager if it cannot compile."""
+
+    mode = "compiled"
+
+    def __init__(self, loop: "OptimizerLoop", fused: Dict[int, FusedStep]) -> None:
+        self.loop = loop
+        self.fused = fused
+        self._capture: List[Any] = []
+
+    @property
+    def graph_count(self) -> int:
+        return sum(step.graph_count for step in self.fused.values())
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(step.compile_seconds for step in self.fused.values())
+
+    def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
+        loop = self.loop
+        trainer = loop.trainer
+        hooks = trainer.hooks
+        progress = loop.optim_progress.optimizer
+        fused = self.fused[opt_idx]
+        accumulate = trainer.accumulate_grad_batches
+        stepping = not trainer.should_accumulate
+        window_start = batch_idx % accumulate == 0
+        if window_start:
+            fused.zero_grad()
+        if stepping:
+            progress.step.increment_ready()
+        metrics = trainer.metrics
+        previous_hook, hooks.current_hook = hooks.current_hook, "training_step"
+        metrics.capture = self._capture
+        failure: Optional[Exception] = None
+        try:
+            loss, (extra, logs) = fused(batch, step=stepping)
+        except Exception as exc:  # compile failures surface here, before any update ran
+            failure = exc
+        finally:
+            metrics.capture = None
+            hooks.current_hook = previous_hook
+        if failure is not None:
+            self._capture.clear()
+            return self._fall_back(failure, batch, batch_idx, opt_idx, optimizer, stepping)
+        for name, value, options in logs:
+            metrics.store(name, value, **dict(options))
+        if window_start:
+            progress.zero_grad.increment_ready()
+            hooks.call("on_before_zero_grad", optimizer)
+            progress.zero_grad.increment_started()
+            progress.zero_grad.increment_completed()
+        closure_loss = loss / accumulate if accumulate != 1 else loss
+        hooks.call("on_before_backward", closure_loss)
+        if stepping:
+            progress.step.increment_completed()
+        return StepOutput(closure_loss, extra)
+
+    def _fall_back(self, exc: Exception, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer,
+                   stepping: bool) -> StepOutput:
+        loop = self.loop
+        if stepping:  # undo the count: the eager step counts this step itself
+            loop.optim_progress.optimizer.step.total.ready -= 1
+            loop.optim_progress.optimizer.step.current.ready -= 1
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = f"the fused step could not be compiled ({type(exc).__name__}: {first_line[:200]})"
+        report = getattr(loop, "step_report", None)
+        if report is not None:
+            report.used = "eager"
+            report.reasons.append(reason)
+        warnings.warn(f"fastloop: falling back to the eager step: {reason}", RuntimeWarning, stacklevel=3)
+        eager = EagerTrainStep(loop)
+        loop.train_step = eager
+        return eager(batch, batch_idx, opt_idx, optimizer)
+
+
+class CompiledEvalStep:
+    """``validation_step``/``test_step``/``predict_step`` through ``torch.compile`` (forward only).
+
+    Compiled lazily per hook; ``batch_idx`` is passed as 0 (the builder checked the hook does
+    not read it). Logged values are recorded through the same capture list as training.
+    """
+
+    mode = "compiled"
+
+    def __init__(self, loop: Any, backend: Any) -> None:
+        self.loop = loop
+        self._backend = backend
+        self._compiled: Dict[str, Any] = {}
+        self._capture: List[Any] = []
+
+    def _fn(self, hook: str) -> Any:
+        fn = self._compiled.get(hook)
+        if fn is None:
+            from fastloop.step._compile import with_fresh_code
+
+            module = self.loop.trainer.module
+
+            def eval_step(*args: Any) -> Any:
+                return getattr(module, hook)(*args)
+
+            fn = self._compiled[hook] = torch.compile(with_fresh_code(eval_step), backend=self._backend,
+                                                      dynamic=False)
+        return fn
+
+    def __call__(self, hook: str, batch: Any, batch_idx: int, *rest: Any) -> Any:
+        trainer = self.loop.trainer
+        metrics = trainer.metrics
+        previous_hook, trainer.hooks.current_hook = trainer.hooks.current_hook, hook
+        metrics.capture = self._capture
+        try:
+            output = self._fn(hook)(batch, 0, *rest)
+        finally:
+            metrics.capture = None
+            trainer.hooks.current_hook = previous_hook
+        logs, self._capture[:] = list(self._capture), []
+        for name, value, options in logs:
+            metrics.store(name, value, **options)
+        return output
