@@ -1,0 +1,226 @@
+"""One fused training step per optimizer: forward, backward, accumulation, clipping, update.
+
+The step is a single ``torch.compile(fullgraph=True)`` graph, built from
+``torch.func.grad_and_value`` over the caller's functional loss plus the
+functional optimizer update (see ``functional_optim``). Per optimizer there are
+at most two compiled functions, picked by a Python bool from the loop:
+
+* ``step=False``: accumulate-only (forward, backward, ``p.grad += g``);
+* ``step=True``: accumulate, clip, optimizer update.
+
+Semantics match the eager loop ``loss / accumulate -> backward -> clip ->
+optimizer.step() -> zero_grad()`` except that gradients are zeroed at the start
+of the next window rather than after the step, so ``p.grad`` still holds the
+gradient that was used after a stepping call (as it does in eager after
+``optimizer.step()``).
+
+Everything that varies between calls is a graph input (parameters, buffers,
+gradients, optimizer state, hyperparameter tensors, a "new window" flag), so
+an LR scheduler never recompiles; a smaller last batch costs one extra graph.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from ._compile import CountingBackend, compile_fullgraph
+from .functional_optim import FunctionalOptimizer, make_functional_optimizer
+from .grad_clip import clip_grads
+
+__all__ = ["FusedStep", "build_fused_step", "LossFn"]
+
+# loss_fn(params, buffers, *batch) -> (loss, aux)
+LossFn = Callable[..., tuple[Tensor, Any]]
+
+
+def build_fused_step(
+    loss_fn: LossFn,
+    module: nn.Module,
+    trainable: Sequence[str],
+    optimizer: torch.optim.Optimizer,
+    *,
+    clip_val: Optional[float] = None,
+    clip_algorithm: str = "norm",
+    accumulate: int = 1,
+    compile: bool = True,
+    inductor_config: Optional[dict[str, Any]] = None,
+) -> tuple[Optional["FusedStep"], Optional[str]]:
+    """Build the fused step for one optimizer.
+
+    Args:
+        loss_fn: ``loss_fn(params, buffers, *batch) -> (loss, aux)``; ``params``
+            and ``buffers`` map the module's qualified names to tensors (all
+            parameters, trainable or not), typically fed to
+            ``torch.func.functional_call``. ``aux`` is a pytree of tensors (logged
+            values); it is returned detached. It must not stash tensors anywhere
+            that outlives the call.
+        module: the module whose parameters/buffers the names refer to. Its
+            buffers (BatchNorm running stats) are updated in place, as in eager.
+        trainable: names of the parameters this optimizer updates. Other
+            parameters are passed as constants (not differentiated).
+        optimizer: SGD, Adam or AdamW (see ``make_functional_optimizer``).
+        clip_val: gradient clipping threshold, or None for no clipping.
+        clip_algorithm: ``"norm"`` (L2, ``clip_grad_norm_``) or ``"value"``.
+        accumulate: micro-batches per optimizer step; the loss is divided by it.
+        compile: False runs the same functional code eagerly (debugging, fast tests).
+        inductor_config: inductor options applied while compiling (e.g.
+            ``{"fallback_random": True}`` for eager-identical dropout masks).
+
+    Returns:
+        ``(FusedStep, None)``, or ``(None, reason)`` when this optimizer or
+        configuration cannot be fused; ``reason`` is a readable sentence and the
+        caller should use the eager step.
+    """
+    if accumulate < 1:
+        return None, f"accumulate must be >= 1, got {accumulate}"
+    if clip_val is not None and clip_algorithm not in ("norm", "value"):
+        return None, f"clip_algorithm {clip_algorithm!r} is not 'norm' or 'value'"
+    named = dict(module.named_parameters())
+    missing = [n for n in trainable if n not in named]
+    if missing:
+        return None, f"trainable names not found among the module's parameters: {missing}"
+    if len(set(trainable)) != len(trainable):
+        return None, "trainable names contain duplicates"
+    params = [named[n] for n in trainable]
+    fopt, reason = make_functional_optimizer(optimizer, params)
+    if fopt is None:
+        return None, reason
+    return FusedStep(loss_fn, module, list(trainable), fopt, clip_val, clip_algorithm,
+                     accumulate, compile, inductor_config), None
+
+
+def _detach(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _make_core(
+    loss_fn: LossFn,
+    fopt: FunctionalOptimizer,
+    accumulate: int,
+    clip_val: Optional[float],
+    clip_algorithm: str,
+    do_update: bool,
+) -> Callable:
+    """The pure function that is compiled: all state comes in as arguments."""
+
+    def objective(train, frozen, buffers, batch):
+        # Buffers are an argument of the transformed function: BatchNorm's
+        # in-place running-stat update on a captured tensor would be rejected.
+        loss, aux = loss_fn({**frozen, **train}, buffers, *batch)
+        scaled = loss / accumulate if accumulate > 1 else loss
+        return scaled, (loss.detach(), _detach(aux))
+
+    def fused_step(train, frozen, buffers, grads, opt_inputs, new_window, batch):
+        new, (_, (loss, aux)) = torch.func.grad_and_value(objective, has_aux=True)(
+            train, frozen, buffers, batch
+        )
+        with torch.no_grad():
+            total = list(new.values())  # same order as `train` and `grads`
+            if accumulate > 1:
+                # Zero at the start of a window without a data-dependent branch.
+                total = [torch.where(new_window, t, g + t) for g, t in zip(grads, total)]
+            if do_update and clip_val is not None:
+                total = clip_grads(total, clip_val, clip_algorithm)
+            for g, t in zip(grads, total):
+                g.copy_(t)
+            if do_update:
+                fopt.update(list(train.values()), grads, opt_inputs)
+        return loss, aux
+
+    return fused_step
+
+
+class FusedStep:
+    """A callable fused training step for one optimizer.
+
+    ``step(*batch, step=True) -> (loss, aux)``: ``loss`` is the undivided loss
+    ``loss_fn`` returned (detached), ``aux`` its detached aux pytree. No host
+    synchronisation happens per call.
+
+    Attributes:
+        compile_seconds: wall time of the calls that compiled a graph (first
+            call of each function, plus any recompile), in seconds.
+        graph_count: graphs compiled so far (0 when ``compile=False``).
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        module: nn.Module,
+        trainable: list[str],
+        fopt: FunctionalOptimizer,
+        clip_val: Optional[float],
+        clip_algorithm: str,
+        accumulate: int,
+        compile: bool,
+        inductor_config: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.module = module
+        self.optimizer = fopt.optimizer
+        self.functional_optimizer = fopt
+        self.accumulate = accumulate
+        self.compiled = compile
+        self.compile_seconds = 0.0
+        self._backend = CountingBackend(inductor_config)
+        named = dict(module.named_parameters())
+        self._params = [named[n] for n in trainable]
+        # Detached aliases share storage with the parameters: in-place updates
+        # reach the module, and the graph sees no autograd-tracked inputs.
+        # Rebuild the step if the module's tensors are replaced (e.g. .to()).
+        self._train = {n: named[n].detach() for n in trainable}
+        self._frozen = {n: p.detach() for n, p in named.items() if n not in self._train}
+        self._buffers = dict(module.named_buffers())
+        self._new_window = True
+        device = self._params[0].device
+        # Two constant flags: passing one or the other is a value change, not a recompile.
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._fns: dict[bool, Callable] = {}
+        self._core_args = (loss_fn, fopt, accumulate, clip_val, clip_algorithm)
+
+    @property
+    def graph_count(self) -> int:
+        return self._backend.graphs
+
+    def _fn(self, do_update: bool) -> Callable:
+        fn = self._fns.get(do_update)
+        if fn is None:
+            fn = _make_core(*self._core_args, do_update=do_update)
+            if self.compiled:
+                fn = compile_fullgraph(fn, self._backend)
+            self._fns[do_update] = fn
+        return fn
+
+    def _grads(self) -> list[Tensor]:
+        grads = []
+        for p in self._params:
+            if p.grad is None:  # first call, or the user's zero_grad(set_to_none=True)
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads.append(p.grad)
+        return grads
+
+    def zero_grad(self) -> None:
+        """Start a new accumulation window at the next call (gradients restart from zero)."""
+        self._new_window = True
+
+    def __call__(self, *batch: Any, step: bool = True) -> tuple[Tensor, Any]:
+        """Run one micro-batch; ``step=True`` also clips and updates the parameters."""
+        if not step and self.accumulate == 1:
+            raise ValueError("step=False (accumulate only) needs accumulate > 1")
+        fn = self._fn(step)
+        opt_inputs = self.functional_optimizer.prepare() if step else ()
+        flag = self._true if self._new_window else self._false
+        graphs_before = self._backend.graphs
+        start = time.perf_counter()
+        with torch.no_grad():
+            loss, aux = fn(self._train, self._frozen, self._buffers, self._grads(), opt_inputs, flag, batch)
+        if self._backend.graphs != graphs_before:
+            self.compile_seconds += time.perf_counter() - start
+        if step:
+            self.functional_optimizer.finish()
+        self._new_window = step
+        return loss, aux
