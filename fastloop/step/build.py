@@ -88,41 +88,44 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
         _report(loop, requested, "eager", [])
         return EagerTrainStep(loop)
     reasons = train_step_blockers(loop)
-    fused = {} if reasons else _build_fused(loop, reasons)
+    fused = ({}, {}) if reasons else _build_fused(loop, reasons)
     if reasons:
         _report(loop, requested, "eager", reasons)
         return EagerTrainStep(loop)
     from fastloop.step.compiled import CompiledTrainStep
 
+    fused, layouts = fused
     if mode == "cudagraph":
         from fastloop.step.cudagraph import build_cudagraph_train_step
 
-        step, why = build_cudagraph_train_step(loop, fused)
+        step, why = build_cudagraph_train_step(loop, fused, layouts)
         if step is not None:
             _report(loop, requested, "cudagraph", [])
             return step
         reasons.append(why)
     _report(loop, requested, "compiled", reasons)
-    return CompiledTrainStep(loop, fused)
+    return CompiledTrainStep(loop, fused, layouts)
 
 
-def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> dict:
-    from fastloop.step.compiled import make_loss_fn
+def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
+    """One fused step (and its log layout) per optimizer, or ``({}, {})`` with reasons added."""
+    from fastloop.step.compiled import LogLayout, make_loss_fn
     from fastloop.step.fused_step import build_fused_step
 
     trainer = loop.trainer
     module = trainer.module
     names = {id(p): n for n, p in module.named_parameters()}
     several = len(trainer.optimizers) > 1
-    fused = {}
+    fused, layouts = {}, {}
     for idx, optimizer in enumerate(trainer.optimizers):
         owned = [p for group in optimizer.param_groups for p in group["params"]]
         foreign = [p for p in owned if id(p) not in names]
         if foreign:
             reasons.append(f"optimizer {idx} holds {len(foreign)} tensors that are not parameters of the module")
-            return {}
+            return {}, {}
+        layouts[idx] = LogLayout()
         step, why = build_fused_step(
-            make_loss_fn(module, trainer.metrics, idx if several else None), module,
+            make_loss_fn(module, trainer.metrics, idx if several else None, layouts[idx]), module,
             [names[id(p)] for p in owned], optimizer,
             clip_val=trainer.gradient_clip_val or None, clip_algorithm=trainer.gradient_clip_algorithm,
             accumulate=trainer.accumulate_grad_batches, compile=True,
@@ -130,9 +133,9 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> dict:
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")
-            return {}
+            return {}, {}
         fused[idx] = step
-    return fused
+    return fused, layouts
 
 
 def build_eval_step(loop: Any) -> Callable[..., Any]:

@@ -42,8 +42,21 @@ class StepCaller(nn.Module):
         return getattr(self.module, self.method)(*args)
 
 
-def make_loss_fn(module: nn.Module, metrics: Any, optimizer_idx: Optional[int]) -> Any:
-    """``loss_fn(params, buffers, batch) -> (loss, (extra, logs))`` for the fused step.
+class LogLayout:
+    """What the traced ``training_step`` logged, besides the tensor values: names, options and
+    non-tensor values, in call order. Set while tracing; the graph returns tensors only."""
+
+    def __init__(self) -> None:
+        self.entries: Tuple[Any, ...] = ()
+
+    def unpack(self, values: Tuple[Tensor, ...]) -> List[Tuple[str, Any, Dict[str, Any]]]:
+        tensors = iter(values)
+        return [(name, next(tensors) if is_tensor else const, dict(options))
+                for name, options, is_tensor, const in self.entries]
+
+
+def make_loss_fn(module: nn.Module, metrics: Any, optimizer_idx: Optional[int], layout: LogLayout) -> Any:
+    """``loss_fn(params, buffers, batch) -> (loss, (extra, log_values))`` for the fused step.
 
     ``batch_idx`` is passed as 0: the builder only fuses a ``training_step`` that does not read
     it (a Python int that changes every step would recompile the graph every step).
@@ -55,20 +68,27 @@ def make_loss_fn(module: nn.Module, metrics: Any, optimizer_idx: Optional[int]) 
         args = (batch, 0) if optimizer_idx is None else (batch, 0, optimizer_idx)
         output = torch.func.functional_call(caller, state, args)
         loss, extra = split_output(output)
-        # Logged values leave through the graph's outputs; nothing traced may stay behind.
-        logs = tuple((name, value, tuple(sorted(options.items()))) for name, value, options in metrics.capture)
+        # Logged tensors leave as graph outputs; names and options as a constant layout.
+        captured = list(metrics.capture)
         metrics.capture.clear()
-        return loss, (extra, logs)
+        layout.entries = tuple(
+            (name, tuple(sorted(options.items())), isinstance(value, Tensor), None if isinstance(value, Tensor) else value)
+            for name, value, options in captured
+        )
+        values = tuple(value for _, value, _ in captured if isinstance(value, Tensor))
+        return loss, (extra, values)
 
     return loss_fn
 
 
-def split_output(output: Any) -> Tuple[Tensor, Dict[str, Any]]:
+def split_output(output: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
     if isinstance(output, Tensor):
         return output, {}
     if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
-        return output["loss"], {k: v for k, v in output.items() if k != "loss"}
-    raise NotFusable(f"training_step returned {type(output).__name__}, not a loss tensor or a dict with 'loss'")
+        extra = {k: v for k, v in output.items() if k != "loss"}
+        if all(isinstance(v, Tensor) for v in extra.values()):
+            return output["loss"], extra
+    raise NotFusable("training_step must return a loss tensor or a dict of tensors with 'loss' to be fused")
 
 
 class CompiledTrainStep:
@@ -76,9 +96,10 @@ class CompiledTrainStep:
 
     mode = "compiled"
 
-    def __init__(self, loop: "OptimizerLoop", fused: Dict[int, FusedStep]) -> None:
+    def __init__(self, loop: "OptimizerLoop", fused: Dict[int, FusedStep], layouts: Dict[int, LogLayout]) -> None:
         self.loop = loop
         self.fused = fused
+        self.layouts = layouts
         self._capture: List[Any] = []
 
     @property
@@ -107,7 +128,7 @@ class CompiledTrainStep:
         metrics.capture = self._capture
         failure: Optional[Exception] = None
         try:
-            loss, (extra, logs) = fused(batch, step=stepping)
+            loss, (extra, log_values) = fused(batch, step=stepping)
         except Exception as exc:  # compile failures surface here, before any update ran
             failure = exc
         finally:
@@ -116,8 +137,8 @@ class CompiledTrainStep:
         if failure is not None:
             self._capture.clear()
             return self._fall_back(failure, batch, batch_idx, opt_idx, optimizer, stepping)
-        for name, value, options in logs:
-            metrics.store(name, value, **dict(options))
+        for name, value, options in self.layouts[opt_idx].unpack(log_values):
+            metrics.store(name, value, **options)
         if window_start:
             progress.zero_grad.increment_ready()
             hooks.call("on_before_zero_grad", optimizer)
