@@ -103,8 +103,13 @@ class Gatherer {
  public:
   explicit Gatherer(int64_t depth) : depth_(depth), owner_pid_(getpid()) {
     if (depth < 1) throw py::value_error("depth must be >= 1, got " + std::to_string(depth));
-    g_live_workers.fetch_add(1);
-    thread_ = std::make_unique<std::thread>([this] { loop(); });
+    g_live_workers.fetch_add(1);  // before the thread starts, so the count never dips below
+    try {
+      thread_ = std::make_unique<std::thread>([this] { loop(); });
+    } catch (...) {
+      g_live_workers.fetch_sub(1);
+      throw;
+    }
   }
 
   ~Gatherer() { shutdown(); }  // GIL held; the worker never needs it, so joining is safe
@@ -234,6 +239,7 @@ void gather(const std::vector<std::tuple<uintptr_t, uintptr_t, int64_t, int64_t>
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastloop's native row gatherer (raw pointers in, memcpy per row, no GIL).";
+  m.attr("ABI_VERSION") = 1;  // bump when the Python-facing signatures change (see _ext.py)
   py::class_<Gatherer>(m, "Gatherer")
       .def(py::init<int64_t>(), py::arg("depth"))
       .def("submit", &Gatherer::submit, py::arg("copies"), py::arg("idx_ptr"), py::arg("n"),
