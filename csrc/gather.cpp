@@ -23,6 +23,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <chrono>
 #include <tuple>
 #include <vector>
 
@@ -46,7 +47,7 @@ struct Job {
   std::vector<Copy> copies;
   const int64_t* idx = nullptr;
   int64_t n = 0;
-  bool done = false;
+  std::atomic<bool> done{false};  // written under the mutex, read without it while spinning
   ErrKind err = ErrKind::kNone;
   std::string msg;
   py::object keep;  // main thread + GIL only
@@ -97,6 +98,15 @@ void raise_job_error(const Job& job) {
   }
 }
 
+void run_job_safely(Job& job) {
+  try {
+    run_job(job);
+  } catch (const std::exception& e) {
+    job.err = ErrKind::kRuntime;
+    job.msg = e.what();
+  }
+}
+
 // A FIFO of gather jobs served by one worker thread. At most `depth` jobs may be outstanding
 // (submitted and not yet collected with wait()).
 class Gatherer {
@@ -133,15 +143,36 @@ class Gatherer {
     cv_.notify_all();
   }
 
-  // Blocks (GIL released) until the oldest job is done, then re-raises its error if any.
+  // Finishes the oldest job (GIL released), then re-raises its error if any.
+  //
+  // If the worker has not started that job yet (it is starved of CPU, or the consumer is
+  // faster than one thread can gather), the caller runs it itself rather than sleeping until
+  // the worker is scheduled. Otherwise it spins briefly (the job is usually microseconds from
+  // done) before blocking on the condition variable.
   void wait() {
     std::unique_ptr<Job> job;
     {
       py::gil_scoped_release release;
       std::unique_lock<std::mutex> lock(mu_);
       if (jobs_.empty()) throw std::runtime_error("no job to wait for");
-      cv_.wait(lock, [this] { return jobs_.front()->done || stop_; });
-      if (!jobs_.front()->done) throw std::runtime_error("Gatherer was closed while waiting");
+      Job* front = jobs_.front().get();
+      if (next_ == 0) {  // unclaimed: run it here
+        next_ = 1;
+        lock.unlock();
+        run_job_safely(*front);
+        lock.lock();
+        front->done.store(true, std::memory_order_release);
+      } else if (!front->done.load(std::memory_order_acquire)) {
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+        while (!front->done.load(std::memory_order_acquire) &&
+               std::chrono::steady_clock::now() < until) {
+          std::this_thread::yield();
+        }
+        lock.lock();
+        cv_.wait(lock, [&] { return front->done.load() || stop_; });
+      }
+      if (!front->done.load()) throw std::runtime_error("Gatherer was closed while waiting");
       job = std::move(jobs_.front());
       jobs_.pop_front();
       --next_;
@@ -170,18 +201,12 @@ class Gatherer {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [this] { return stop_ || next_ < jobs_.size(); });
         if (stop_) break;
-        job = jobs_[next_].get();  // heap object: stays put while the deque changes
+        job = jobs_[next_++].get();  // claim it; heap object: stays put while the deque changes
       }
-      try {
-        run_job(*job);
-      } catch (const std::exception& e) {
-        job->err = ErrKind::kRuntime;
-        job->msg = e.what();
-      }
+      run_job_safely(*job);
       {
         std::lock_guard<std::mutex> lock(mu_);
-        job->done = true;
-        ++next_;
+        job->done.store(true, std::memory_order_release);
       }
       cv_.notify_all();
     }
@@ -215,7 +240,7 @@ class Gatherer {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Job>> jobs_;  // outstanding jobs, oldest first
-  size_t next_ = 0;                        // index in jobs_ of the next job to run
+  size_t next_ = 0;  // jobs_[0, next_) are claimed (running or done); the rest are queued
   bool stop_ = false;
   bool closed_ = false;
   std::unique_ptr<std::thread> thread_;
