@@ -9,7 +9,7 @@ import json
 import statistics
 import time
 import warnings
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -38,14 +38,30 @@ def _time_epoch(make_epoch: Callable[[], Iterable]) -> float:
 
 
 def measure_loader_throughput(n_rows: int = 60000, row_dim: int = 784, batch_size: int = 256,
-                              epochs: int = 5, shuffle: bool = True) -> Dict[str, float]:
+                              epochs: int = 5, shuffle: bool = True,
+                              num_threads: Optional[int] = None) -> Dict[str, float]:
     """Median samples/s per loader over ``epochs`` timed epochs (after one warm-up epoch each).
+
+    ``num_threads`` sets torch's intra-op threads for the run (None: leave torch's default).
+    On a busy machine with few cores, torch's default threading can make ``X[idx]`` (and so
+    DataLoader and the Python fallback) much slower; the native gatherer does not use it.
 
     The loaders take turns epoch by epoch, so slow drifts of the machine hit all of them alike.
     Keys: ``dataloader``, ``plain_indexing``, ``tensorloader_native`` (absent when the
     extension is not built), ``tensorloader_python``, plus ``speedup_vs_dataloader`` and
     ``speedup_vs_indexing`` of the fastest TensorLoader.
     """
+    saved_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _measure(n_rows, row_dim, batch_size, epochs, shuffle)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _measure(n_rows: int, row_dim: int, batch_size: int, epochs: int,
+             shuffle: bool) -> Dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n_rows, row_dim, generator=gen)
     y = torch.randint(0, 10, (n_rows,), generator=gen)
@@ -77,4 +93,7 @@ def measure_loader_throughput(n_rows: int = 60000, row_dim: int = 784, batch_siz
 
 
 if __name__ == "__main__":
-    print(json.dumps({k: round(v, 2) for k, v in measure_loader_throughput().items()}, indent=2))
+    for threads in (None, 1):
+        result = measure_loader_throughput(num_threads=threads)
+        label = f"torch threads: {threads or torch.get_num_threads()}"
+        print(label, json.dumps({k: round(v, 2) for k, v in result.items()}, indent=2))
