@@ -80,6 +80,11 @@ def test_single_tensor_yields_tensor_and_batches_are_fresh(backend):
     assert torch.equal(torch.cat(batches), x)  # kept batches were never overwritten
 
 
+def test_huge_seed_and_epoch_are_valid():
+    order = epoch_order(10, seed=2**70, epoch=2**40, shuffle=True, rank=0, world_size=1)
+    assert sorted(order.tolist()) == list(range(10))
+
+
 def test_order_ignores_global_rng(backend):
     x, y, _ = dataset()
     torch.manual_seed(1)
@@ -264,7 +269,9 @@ def test_backend_attribute(native):
     ((torch.zeros(4, 2, device="meta"),), {}, ValueError, "argument 0 is on meta"),
     ((torch.tensor(1.0),), {}, ValueError, "argument 0 is 0-dimensional"),
     ((torch.zeros(4, 2).to_sparse(),), {}, ValueError, "argument 0 has layout"),
+    ((torch.zeros(4, 2, dtype=torch.complex64).conj(),), {}, ValueError, "lazy conj"),
     ((torch.zeros(4, 2),), {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+    ((torch.zeros(4, 2),), {"seed": -1}, ValueError, "seed must be an int >= 0"),
     ((torch.zeros(4, 2),), {"batch_size": 2.0}, ValueError, "batch_size"),
     ((torch.zeros(4, 2),), {"prefetch": -1}, ValueError, "prefetch"),
     ((torch.zeros(4, 2),), {"rank": 2, "world_size": 2}, ValueError, "rank 2 is out of range"),

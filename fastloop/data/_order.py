@@ -23,12 +23,13 @@ def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool, rank: int,
     """This rank's row indices for one epoch, as a contiguous int64 tensor.
 
     The epoch's permutation comes from a private generator seeded with
-    ``seed * 1_000_003 + epoch``. Rank ``r`` takes the ``r``-th contiguous block of
+    ``(seed * 1_000_003 + epoch) mod 2**64``. Rank ``r`` takes the ``r``-th contiguous block of
     ``shard_size`` entries, so the shards are disjoint and equal-sized; the last
     ``n_rows % world_size`` entries of the permutation are left out this epoch.
     """
     if shuffle:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        # Reduced mod 2**64 so that any seed and epoch give a valid generator seed.
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
         order = torch.randperm(n_rows, generator=gen, dtype=torch.int64)
     else:
         order = torch.arange(n_rows, dtype=torch.int64)

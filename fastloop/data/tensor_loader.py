@@ -108,6 +108,8 @@ class TensorLoader:
         backend: ``"auto"`` (C++ if built, else the Python fallback with a one-time warning),
             ``"native"`` (error if the extension is unavailable) or ``"python"``.
 
+    One iterator is meant to be consumed from one thread at a time.
+
     Yields:
         The batch tensor itself when one tensor was given, else a tuple with one batch tensor
         per source. Unless ``pin_memory`` is active, every batch is freshly allocated.
@@ -125,7 +127,7 @@ class TensorLoader:
         n_rows = _check_tensors(tensors)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.prefetch = _check_int("prefetch", prefetch, 0)
-        self.seed = _check_int("seed", seed, -(2**62))
+        self.seed = _check_int("seed", seed, 0)
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
         if rank is None:
@@ -209,7 +211,7 @@ class TensorLoader:
         if next_batch > len(self):
             raise ValueError(f"next_batch {next_batch} is past the end of an epoch of "
                              f"{len(self)} batches")
-        self.seed = _check_int("seed", state["seed"], -(2**62))
+        self.seed = _check_int("seed", state["seed"], 0)
         self._epoch = _check_int("epoch", state["epoch"], 0)
         self._next_batch = next_batch
         self._started = False
