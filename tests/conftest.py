@@ -11,6 +11,10 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Trainer's default mode "auto" compiles on a CPU (seconds per graph). Behaviour tests run
+# eagerly unless they ask for a mode with the ``mode`` fixture below.
+os.environ.setdefault("FASTLOOP_MODE", "eager")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -20,6 +24,12 @@ def _deterministic_defaults():
     """Every test starts from the same seed and full-precision matmuls."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_mode_override(monkeypatch):
+    """Let the Trainer's ``mode`` argument decide (the suite pins FASTLOOP_MODE=eager)."""
+    monkeypatch.delenv("FASTLOOP_MODE", raising=False)
 
 
 def pytest_collection_modifyitems(config, items):
