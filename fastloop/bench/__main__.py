@@ -29,8 +29,8 @@ from fastloop.bench.runner import Row, run_workload
 from fastloop.bench.schema import SCHEMA_VERSION
 from fastloop.bench.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
-DEFAULT_STEPS = 200
-DEFAULT_ROUNDS = 5
+DEFAULT_STEPS = 100
+DEFAULT_ROUNDS = 15
 DEFAULT_WARMUP = 10
 
 

@@ -42,5 +42,6 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other load skews timings
         "argv": sys.argv[1:],
     }

@@ -65,8 +65,8 @@ def table(rows: List[Row]) -> str:
 
 
 def legend() -> str:
-    return ("µs/step: median over rounds; spread: ±half the min-max range of the rounds; vs raw: µs/step ÷ raw's "
-            "(1.05x = 5 % slower); first step: seconds incl. set-up/compile/capture (excluded from µs/step); "
+    return ("µs/step: median over rounds; spread: ±half the min-max range of the rounds; vs raw: median of per-round "
+            "µs/step ÷ raw's same round (1.05x = 5 % slower); first step: seconds incl. set-up/compile/capture (excluded from µs/step); "
             "Δloss: |loss - raw| / |raw|; flagged and failed rows are not ranked.")
 
 

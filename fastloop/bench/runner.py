@@ -176,12 +176,21 @@ def compare_with_reference(rows: List[Row], loss_rtol: float) -> None:
                 row.ratio_vs_raw = row.speedup_vs_raw = 1.0
                 row.loss_rel_diff = 0.0
             continue
-        row.ratio_vs_raw = row.us_per_step / ref.us_per_step  # type: ignore[operator]
+        row.ratio_vs_raw = paired_ratio(row.us_per_step_rounds, ref.us_per_step_rounds)
         row.speedup_vs_raw = 1.0 / row.ratio_vs_raw
         row.loss_rel_diff = abs(row.final_loss - ref.final_loss) / max(abs(ref.final_loss), 1e-12)
         if row.loss_rel_diff > loss_rtol:
             row.status = "flagged"
             row.notes.append(f"final loss differs from raw by {row.loss_rel_diff:.2e} (> rtol {loss_rtol:g})")
+
+
+def paired_ratio(rounds: List[float], ref_rounds: List[float]) -> float:
+    """Median over rounds of (this round / the reference's same round). Pairing by round cancels
+    slow drifts of the machine (other processes, clock changes) that hit both alike."""
+    pairs = [a / b for a, b in zip(rounds, ref_rounds) if b > 0]
+    if not pairs:
+        raise ValueError("no rounds to compare")
+    return statistics.median(pairs)
 
 
 def rank(rows: List[Row]) -> Dict[str, int]:

@@ -8,7 +8,7 @@ Schema (version ``SCHEMA_VERSION``)::
         "date": str (ISO 8601, UTC), "python": str, "platform": str, "torch": str,
         "fastloop": str, "git_sha": str | null, "device": "cpu" | "cuda",
         "device_name": str, "cpu_count": int | null, "torch_threads": int,
-        "cuda": str | null, "argv": [str]
+        "cuda": str | null, "load_avg": [float] | null (1/5/15 min at the end), "argv": [str]
       },
       "config": {
         "workloads": [str], "contenders": [str], "steps": int (steps per timed round),
@@ -22,7 +22,8 @@ Schema (version ``SCHEMA_VERSION``)::
           "us_per_step": float | null,          # median over rounds of (round seconds / steps)
           "us_per_step_rounds": [float],        # each round's mean µs/step, in round order
           "steps_per_s": float | null, "samples_per_s": float | null,
-          "ratio_vs_raw": float | null,         # us_per_step / raw's (1.05 = 5 % slower)
+          "ratio_vs_raw": float | null,         # median over rounds of this round's µs/step / raw's
+                                                # in the same round (1.05 = 5 % slower)
           "speedup_vs_raw": float | null,       # raw's us_per_step / this one's
           "first_step_s": float | null,         # first step incl. set-up, compile and capture
           "final_loss": float | null,           # loss of the last training step
