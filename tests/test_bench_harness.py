@@ -34,6 +34,15 @@ def test_raw_and_fastloop_eager_compute_the_same_loss(workload):
     assert len(eager.us_per_step_rounds) == 2 and eager.ratio_vs_raw is not None
 
 
+def test_time_budget_stops_every_contender_after_the_same_step():
+    rows = run_workload(get_workload("tiny-mlp"), ["raw", "fastloop-eager"], CPU, steps=2, rounds=6,
+                        warmup_steps=1, time_budget_s=1e-9)
+    raw, eager = rows
+    assert len(raw.us_per_step_rounds) == len(eager.us_per_step_rounds) == 3  # MIN_ROUNDS
+    assert eager.status == "ok" and eager.final_loss == pytest.approx(raw.final_loss, rel=1e-6, abs=0)
+    assert any("time budget" in n for n in eager.notes)
+
+
 def test_options_parse():
     args = build_parser().parse_args(["--workloads", "tiny-mlp,mnist-mlp", "--modes", "eager,compiled",
                                       "--device", "cpu", "--steps", "7", "--rounds", "3", "--json", "x.json"])
@@ -71,11 +80,11 @@ def test_json_output_matches_schema(tmp_path, capsys):
 class _Boom(RawLoop):
     name = "boom"
 
-    def run(self, steps):
+    def _run(self, steps):
         if len(getattr(self, "_calls", [])) >= 1:
             raise RuntimeError("boom in round 2")
         self._calls = [1]
-        return super().run(steps)
+        return super()._run(steps)
 
 
 class _BadSetup(Contender):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,6 +33,7 @@ from fastloop.bench.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 DEFAULT_STEPS = 100
 DEFAULT_ROUNDS = 15
 DEFAULT_WARMUP = 10
+DEFAULT_TIME_BUDGET = 90.0  # keeps the default run under 3 minutes on a slow or busy machine
 
 
 def _csv(text: str) -> List[str]:
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved timed rounds")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed warm-up steps (first one reported)")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",
+                   help="per workload: start no new round after this long, once 3 rounds ran (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-rtol", type=float, default=1e-4,
                    help="relative final-loss difference from raw above which a contender is flagged")
@@ -93,6 +97,10 @@ def run(args: argparse.Namespace, log=lambda s: print(s, file=sys.stderr, flush=
     for name in args.workloads:
         get_workload(name)  # fail fast on a typo
     contenders = resolve_contenders(args, device)
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > cpus:
+        log(f"note: load average {os.getloadavg()[0]:.1f} on {cpus} CPUs: other processes compete, timings "
+            "will be noisy (--threads 1 avoids intra-op threads waiting on descheduled peers)")
     rows: List[Row] = []
     extras: Dict[str, Any] = {}
     for name in args.workloads:
@@ -105,14 +113,14 @@ def run(args: argparse.Namespace, log=lambda s: print(s, file=sys.stderr, flush=
                 rows.append(Row(name, "loader", status="skipped", mode_requested="-", error=extras[name]["reason"]))
             continue
         rows += run_workload(workload, contenders, device, args.steps, args.rounds, args.warmup, args.seed,
-                             args.loss_rtol, log)
+                             args.loss_rtol, log, args.time_budget)
         log(f"[{name}] done in {time.perf_counter() - start:.1f}s")
     return {
         "schema_version": SCHEMA_VERSION,
         "env": environment(device),
         "config": {"workloads": list(args.workloads), "contenders": contenders, "steps": args.steps,
-                   "rounds": args.rounds, "warmup_steps": args.warmup, "seed": args.seed,
-                   "loss_rtol": float(args.loss_rtol)},
+                   "rounds": args.rounds, "time_budget_s": float(args.time_budget), "warmup_steps": args.warmup,
+                   "seed": args.seed, "loss_rtol": float(args.loss_rtol)},
         "results": [r.as_json() for r in rows],
         "extras": extras,
         "_rows": rows,

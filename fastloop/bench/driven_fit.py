@@ -96,9 +96,13 @@ class FitDriver:
         if self.finished and self.steps < expected:
             raise RuntimeError(f"fit() ended after {self.steps} steps; the benchmark expected {expected}")
 
-    def finish(self) -> None:
-        """Let the paused fit run to its end (it has no steps left) and wait for it."""
+    def finish(self, planned_steps: int) -> None:
+        """End the fit: when all ``planned_steps`` ran, let it finish normally (tear-down hooks
+        included); when the runner stopped early (time budget), unwind it where it paused."""
         if self._thread is None or self.finished:
+            return
+        if self.steps < planned_steps:
+            self.abort()
             return
         self._go.release()
         self._thread.join()

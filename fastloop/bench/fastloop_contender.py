@@ -91,7 +91,7 @@ class FastloopContender(Contender):
 
     def finish(self) -> Outcome:
         assert self.driver is not None
-        self.driver.finish()
+        self.driver.finish(self.spec.total_steps)
         used = mode_used(self.trainer)
         notes = [line.strip() for line in self.trainer.explain().splitlines() if "fallback:" in line]
         return Outcome(loss_from_outputs(self.driver.last_outputs), used, notes[:1])

@@ -40,6 +40,7 @@ class LightningContender(Contender):
 
     def setup(self, spec: RunSpec) -> None:
         pl = self.pl
+        self.spec = spec
         workload = spec.workload
         driver = self.driver = FitDriver(spec.device)
 
@@ -84,7 +85,7 @@ class LightningContender(Contender):
 
     def finish(self) -> Outcome:
         assert self.driver is not None
-        self.driver.finish()
+        self.driver.finish(self.spec.total_steps)
         return Outcome(loss_from_outputs(self.driver.last_outputs), f"lightning {self.version}")
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -21,6 +22,7 @@ from fastloop.bench.contender import Contender, RunSpec
 from fastloop.bench.registry import REFERENCE, make_contender
 from fastloop.bench.workloads import Workload
 
+MIN_ROUNDS = 3
 BATCH_POOL = 64  # distinct pre-generated batches, cycled; bounds memory for long runs
 Log = Callable[[str], None]
 
@@ -89,8 +91,12 @@ class _Slot:
 
 
 def run_workload(workload: Workload, contender_names: List[str], device: torch.device, steps: int, rounds: int,
-                 warmup_steps: int, seed: int = 0, loss_rtol: float = 1e-4, log: Log = lambda s: None) -> List[Row]:
-    """Time ``contender_names`` on ``workload``; one ``Row`` per contender, in the given order."""
+                 warmup_steps: int, seed: int = 0, loss_rtol: float = 1e-4, log: Log = lambda s: None,
+                 time_budget_s: float = 0.0) -> List[Row]:
+    """Time ``contender_names`` on ``workload``; one ``Row`` per contender, in the given order.
+
+    With ``time_budget_s`` > 0, no new round starts once the workload has run that long and at
+    least ``MIN_ROUNDS`` rounds are done (every contender then stops after the same step)."""
     if steps < 1 or rounds < 1 or warmup_steps < 1:
         raise ValueError("steps, rounds and warmup_steps must be at least 1")
     total = warmup_steps + rounds * steps
@@ -127,7 +133,15 @@ def run_workload(workload: Workload, contender_names: List[str], device: torch.d
             continue
         slots.append(slot)
 
+    started = time.perf_counter()
     for r in range(rounds):
+        elapsed = time.perf_counter() - started
+        if time_budget_s > 0 and r >= MIN_ROUNDS and elapsed > time_budget_s:
+            note = f"time budget {time_budget_s:g}s reached: {r} of {rounds} rounds ran"
+            log(f"  {note}")
+            for slot in slots:
+                slot.row.notes.append(note)
+            break
         k = r % len(slots) if slots else 0
         for slot in slots[k:] + slots[:k]:
             if slot.row.status == "failed":

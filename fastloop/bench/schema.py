@@ -12,7 +12,8 @@ Schema (version ``SCHEMA_VERSION``)::
       },
       "config": {
         "workloads": [str], "contenders": [str], "steps": int (steps per timed round),
-        "rounds": int, "warmup_steps": int, "seed": int, "loss_rtol": float
+        "rounds": int (requested; fewer may run, see notes), "time_budget_s": float,
+        "warmup_steps": int, "seed": int, "loss_rtol": float
       },
       "results": [                    # one row per (workload, contender)
         {
@@ -50,7 +51,7 @@ STATUSES = ("ok", "flagged", "failed", "skipped")
 _ENV_KEYS = {"date": str, "python": str, "platform": str, "torch": str, "fastloop": str, "device": str,
              "device_name": str, "torch_threads": int, "argv": list}
 _CONFIG_KEYS = {"workloads": list, "contenders": list, "steps": int, "rounds": int, "warmup_steps": int,
-                "seed": int, "loss_rtol": float}
+                "time_budget_s": float, "seed": int, "loss_rtol": float}
 _ROW_REQUIRED = {"workload": str, "contender": str, "status": str, "mode_requested": str,
                  "us_per_step_rounds": list, "notes": list}
 _ROW_OPTIONAL = {"mode_used": str, "us_per_step": float, "steps_per_s": float, "samples_per_s": float,
