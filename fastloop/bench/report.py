@@ -27,6 +27,15 @@ def _spread(rounds: Sequence[float]) -> str:
     return f"±{(max(rounds) - min(rounds)) / 2 / mid * 100:.1f}%"
 
 
+def _mode(row: Row) -> str:
+    """The mode used; a fastloop fallback shows what was asked for."""
+    if row.mode_used is None:
+        return "-"
+    if row.contender.startswith("fastloop-") and row.mode_used != row.mode_requested:
+        return f"{row.mode_used} (asked {row.mode_requested})"
+    return row.mode_used
+
+
 def _status(row: Row) -> str:
     if row.status == "ok":
         return "ok"
@@ -48,7 +57,7 @@ def table(rows: List[Row]) -> str:
         speed = "-" if r.speedup_vs_raw is None else f"{r.ratio_vs_raw:.3f}x ({r.speedup_vs_raw:.2f}x faster)" \
             if r.speedup_vs_raw > 1.0 else f"{r.ratio_vs_raw:.3f}x"
         cells.append((
-            r.workload, r.contender, r.mode_used or "-", _num(r.us_per_step, ".1f"), _spread(r.us_per_step_rounds),
+            r.workload, r.contender, _mode(r), _num(r.us_per_step, ".1f"), _spread(r.us_per_step_rounds),
             _num(r.steps_per_s, ".0f"), speed, _num(r.first_step_s, ".3f") + ("s" if r.first_step_s else ""),
             _num(r.final_loss, ".6f"), _num(r.loss_rel_diff, ".1e"),
             _bytes(r.peak_mem_bytes) if r.status in ("ok", "flagged") else "-",
