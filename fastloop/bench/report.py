@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from fastloop.bench.runner import Row, rank
 
-COLUMNS = ("workload", "contender", "mode used", "µs/step", "spread", "steps/s", "vs raw", "first step",
+COLUMNS = ("workload", "contender", "mode used", "µs/step", "spread", "steps/s", "ratio", "speedup", "first step",
            "final loss", "Δloss", "peak mem", "rank", "status")
 
 
@@ -54,11 +54,9 @@ def table(rows: List[Row]) -> str:
         ranks[workload] = rank([r for r in rows if r.workload == workload])
     cells = [COLUMNS]
     for r in rows:
-        speed = "-" if r.speedup_vs_raw is None else f"{r.ratio_vs_raw:.3f}x ({r.speedup_vs_raw:.2f}x faster)" \
-            if r.speedup_vs_raw > 1.0 else f"{r.ratio_vs_raw:.3f}x"
         cells.append((
             r.workload, r.contender, _mode(r), _num(r.us_per_step, ".1f"), _spread(r.us_per_step_rounds),
-            _num(r.steps_per_s, ".0f"), speed, _num(r.first_step_s, ".3f") + ("s" if r.first_step_s else ""),
+            _num(r.steps_per_s, ".0f"), _num(r.ratio_vs_raw, ".3f"), _num(r.speedup_vs_raw, ".2f"), _num(r.first_step_s, ".3f") + ("s" if r.first_step_s else ""),
             _num(r.final_loss, ".6f"), _num(r.loss_rel_diff, ".1e"),
             _bytes(r.peak_mem_bytes) if r.status in ("ok", "flagged") else "-",
             str(ranks[r.workload].get(r.contender, "-")), _status(r),
@@ -74,8 +72,8 @@ def table(rows: List[Row]) -> str:
 
 
 def legend() -> str:
-    return ("µs/step: median over rounds; spread: ±half the min-max range of the rounds; vs raw: median of per-round "
-            "µs/step ÷ raw's same round (1.05x = 5 % slower); first step: seconds incl. set-up/compile/capture (excluded from µs/step); "
+    return ("µs/step: median over rounds; spread: ±half the min-max range of the rounds; ratio: median of per-round "
+            "µs/step ÷ raw's in the same round (1.050 = 5 % slower), speedup = 1/ratio; first step: seconds incl. set-up/compile/capture (excluded from µs/step); "
             "Δloss: |loss - raw| / |raw|; flagged and failed rows are not ranked.")
 
 

@@ -221,6 +221,10 @@ def paired_ratio(rounds: List[float], ref_rounds: List[float]) -> float:
 
 
 def rank(rows: List[Row]) -> Dict[str, int]:
-    """Rank (1 = fastest) of each ``ok`` contender of one workload; flagged/failed rows are not ranked."""
-    ok = sorted((r for r in rows if r.status == "ok" and r.us_per_step is not None), key=lambda r: r.us_per_step)
+    """Rank (1 = fastest) of each ``ok`` contender of one workload, by ratio to raw (by µs/step
+    without raw); flagged/failed rows are not ranked."""
+    ok = [r for r in rows if r.status == "ok" and r.us_per_step is not None]
+    # The paired ratio is the more robust order on a noisy machine; it exists when raw ran.
+    paired = all(r.ratio_vs_raw is not None for r in ok)
+    ok.sort(key=(lambda r: r.ratio_vs_raw) if paired else (lambda r: r.us_per_step))
     return {r.contender: i + 1 for i, r in enumerate(ok)}
