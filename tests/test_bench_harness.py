@@ -14,7 +14,7 @@ from fastloop.bench import registry
 from fastloop.bench.__main__ import build_parser, main, resolve_contenders
 from fastloop.bench.contender import Contender
 from fastloop.bench.raw import RawLoop
-from fastloop.bench.runner import run_workload
+from fastloop.bench.runner import Row, compare_with_reference, rank, run_workload
 from fastloop.bench.schema import SCHEMA_VERSION, validate
 from fastloop.bench.workloads import get_workload
 
@@ -41,6 +41,16 @@ def test_time_budget_stops_every_contender_after_the_same_step():
     assert len(raw.us_per_step_rounds) == len(eager.us_per_step_rounds) == 3  # MIN_ROUNDS
     assert eager.status == "ok" and eager.final_loss == pytest.approx(raw.final_loss, rel=1e-6, abs=0)
     assert any("time budget" in n for n in eager.notes)
+
+
+def test_loss_mismatch_is_flagged_and_not_ranked():
+    rows = [Row("w", "raw", final_loss=1.0, us_per_step=10.0, us_per_step_rounds=[10.0, 10.0]),
+            Row("w", "fast-but-wrong", final_loss=1.5, us_per_step=1.0, us_per_step_rounds=[1.0, 1.0]),
+            Row("w", "slow", final_loss=1.0, us_per_step=20.0, us_per_step_rounds=[20.0, 20.0])]
+    compare_with_reference(rows, loss_rtol=1e-4)
+    assert rows[1].status == "flagged" and rows[1].loss_rel_diff == pytest.approx(0.5)
+    assert rows[2].status == "ok" and rows[2].ratio_vs_raw == pytest.approx(2.0)
+    assert rank(rows) == {"raw": 1, "slow": 2}
 
 
 def test_options_parse():

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -89,7 +89,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(args: argparse.Namespace, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict[str, Any]:
+def run(args: argparse.Namespace,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Dict[str, Any]:
     """Run the benchmark described by parsed ``args``; return the JSON document."""
     if args.threads:
         torch.set_num_threads(args.threads)
