@@ -1,0 +1,105 @@
+"""fastloop's ``Trainer`` as a contender, in a requested mode (eager, compiled, cudagraph)."""
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastloop.bench.contender import BatchCycle, Contender, Outcome, RunSpec
+from fastloop.bench.driven_fit import FitDriver, loss_from_outputs
+from fastloop.callback import Callback
+from fastloop.module import Module
+from fastloop.trainer import Trainer
+
+
+class BenchModule(Module):
+    """Wraps a workload's network: ``training_step`` computes the loss and nothing else (no
+    logging), so it does the same work as the raw loop's step."""
+
+    def __init__(self, net: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 make_optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+        self.make_optimizer = make_optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return self.loss_fn(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(list(self.net.parameters()))
+
+
+class _DriverCallback(Callback):
+    def __init__(self, driver: FitDriver) -> None:
+        self.driver = driver
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.driver.batch_end(outputs)
+
+
+def mode_used(trainer: Trainer) -> str:
+    """The mode the training step actually used: the step report, else parsed from ``explain()``."""
+    try:
+        return str(trainer.fit_loop.epoch_loop.batch_loop.optimizer_loop.step_report.used)
+    except AttributeError:
+        match = re.search(r"optimizer_loop \(\w+\): (\w+)", trainer.explain())
+        return match.group(1) if match else "unknown"
+
+
+class FastloopContender(Contender):
+    """``Trainer(mode=...)`` with no progress bar and no sanity check, one fit for the whole run."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode_requested = mode
+        self.name = f"fastloop-{mode}"
+        self.driver: Optional[FitDriver] = None
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if self.mode_requested == "cudagraph" and device.type != "cuda":
+            return "CUDA only (CUDA-graph capture)"
+        return None
+
+    def setup(self, spec: RunSpec) -> None:
+        self.spec = spec
+        net = copy.deepcopy(spec.model).to(spec.device)
+        self.module = BenchModule(net, spec.workload.loss_fn, spec.workload.make_optimizer)
+        self.driver = FitDriver(spec.device)
+        self._tmp = tempfile.TemporaryDirectory(prefix="fastloop-bench-")
+        self.trainer = Trainer(
+            max_epochs=1, max_steps=spec.total_steps, enable_progress_bar=False, num_sanity_val_steps=0,
+            mode=self.mode_requested, accelerator=spec.device.type, callbacks=[_DriverCallback(self.driver)],
+            default_root_dir=self._tmp.name,
+        )
+        self.loader = BatchCycle(spec.batches, spec.total_steps)
+
+    def warmup(self, steps: int) -> float:
+        assert self.driver is not None
+        return self.driver.start(lambda: self.trainer.fit(self.module, train_dataloaders=self.loader), steps)
+
+    def run(self, steps: int) -> float:
+        assert self.driver is not None
+        return self.driver.resume(steps)
+
+    def finish(self) -> Outcome:
+        assert self.driver is not None
+        self.driver.finish(self.spec.total_steps)
+        used = mode_used(self.trainer)
+        notes = [line.strip() for line in self.trainer.explain().splitlines() if "fallback:" in line]
+        return Outcome(loss_from_outputs(self.driver.last_outputs), used, notes[:1])
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.abort()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+            self._tmp = None
