@@ -59,7 +59,13 @@ class HookDispatcher:
         return name in self._module_overrides
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Callbacks first, then the module; returns the module hook's result."""
+        """Callbacks first, then the module; returns the module hook's result.
+
+        The module's defaults for these hooks do nothing, so a hook that neither the module nor
+        any callback overrides is skipped without a call.
+        """
+        if not self._callback_methods[name] and name not in self._module_overrides:
+            return None
         previous, self.current_hook = self.current_hook, name
         try:
             for method in self._callback_methods[name]:
@@ -70,6 +76,8 @@ class HookDispatcher:
 
     def call_callbacks(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Callback-only hooks (for example ``on_sanity_check_start``)."""
+        if not self._callback_methods[name]:
+            return
         previous, self.current_hook = self.current_hook, name
         try:
             for method in self._callback_methods[name]:

@@ -103,6 +103,7 @@ class Trainer:
         self._running_fit_loop: Optional[FitLoop] = None
         self._sanity_done = False
         self._loops_ready = False
+        self._validation_enabled = None
 
         limits = self.config.limits
         fit_loop = FitLoop(min_epochs=limits.min_epochs or 0, max_epochs=limits.max_epochs)
@@ -161,6 +162,7 @@ class Trainer:
         self.should_stop = False
         self._sanity_done = False
         self._loops_ready = False
+        self._validation_enabled: Optional[bool] = None
         self.train_data = None
         self.hooks = HookDispatcher(self, model, self.callbacks + list(model.configure_callbacks() or []))
         self.data.attach(datamodule, **loaders)
@@ -280,11 +282,14 @@ class Trainer:
 
     @property
     def validation_enabled(self) -> bool:
-        module = self.module
-        return (
-            module is not None and self.hooks.module_overrides("validation_step") and self.data.has_source("val")
-            and self.config.limits.limit_val_batches != 0
-        )
+        """Whether fit validates: a ``validation_step``, a val source, and a non-zero limit.
+        Decided once per entry-point call (it is read after every batch)."""
+        if self._validation_enabled is None:
+            self._validation_enabled = bool(
+                self.module is not None and self.hooks.module_overrides("validation_step")
+                and self.data.has_source("val") and self.config.limits.limit_val_batches != 0
+            )
+        return self._validation_enabled
 
     def _sanity_check_due(self) -> bool:
         due = not self._sanity_done and self.validation_enabled and self.config.validation.num_sanity_val_steps != 0
@@ -335,7 +340,8 @@ class Trainer:
     def _after_closure(self, optimizer: Optimizer, opt_idx: int) -> None:
         """Between the closure (backward) and the torch optimizer step."""
         self.hooks.call("on_before_optimizer_step", optimizer, opt_idx)
-        if self.module is not None and self.module.automatic_optimization:
+        clipping = self.gradient_clip_val or self.hooks.module_overrides("configure_gradient_clipping")
+        if clipping and self.module is not None and self.module.automatic_optimization:
             self.hooks.call_module(
                 "configure_gradient_clipping", optimizer, opt_idx, self.gradient_clip_val, self.gradient_clip_algorithm,
             )

@@ -35,10 +35,10 @@ class StepOutput:
 
     closure_loss: Optional[Tensor]  # divided by accumulate_grad_batches; what backward uses
     extra: Dict[str, Any] = field(default_factory=dict)
+    loss: Optional[Tensor] = field(init=False)  # closure_loss detached: what hooks see
 
-    @property
-    def loss(self) -> Optional[Tensor]:
-        return None if self.closure_loss is None else self.closure_loss.detach()
+    def __post_init__(self) -> None:
+        self.loss = None if self.closure_loss is None else self.closure_loss.detach()
 
     @classmethod
     def from_training_step_output(cls, output: Any, accumulate: int) -> "StepOutput":

@@ -41,8 +41,7 @@ class ReadyCompletedTracker(BaseProgress):
     completed: int = 0
 
     def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
+        self.ready = self.completed = 0
 
     def reset_on_restart(self) -> None:
         """Roll back to the last completed unit so that an interrupted one is redone."""
@@ -53,6 +52,10 @@ class ReadyCompletedTracker(BaseProgress):
 class StartedTracker(ReadyCompletedTracker):
     started: int = 0
 
+    def reset(self) -> None:
+        super().reset()
+        self.started = 0
+
     def reset_on_restart(self) -> None:
         super().reset_on_restart()
         self.started = self.completed
@@ -61,6 +64,10 @@ class StartedTracker(ReadyCompletedTracker):
 @dataclass
 class ProcessedTracker(StartedTracker):
     processed: int = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.processed = 0
 
     def reset_on_restart(self) -> None:
         super().reset_on_restart()
@@ -82,23 +89,28 @@ class Progress(BaseProgress):
         if type(self.total) is not type(self.current):
             raise ValueError("`total` and `current` must be trackers of the same class")
 
-    def _increment(self, name: str) -> None:
-        if not hasattr(self.total, name):
-            raise TypeError(f"{type(self.total).__name__} has no `{name}` counter")
-        setattr(self.total, name, getattr(self.total, name) + 1)
-        setattr(self.current, name, getattr(self.current, name) + 1)
-
+    # Direct attribute increments: these run several times per batch.
     def increment_ready(self) -> None:
-        self._increment("ready")
+        self.total.ready += 1
+        self.current.ready += 1
 
     def increment_started(self) -> None:
-        self._increment("started")
+        try:
+            self.total.started += 1  # type: ignore[attr-defined]
+            self.current.started += 1  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"{type(self.total).__name__} has no `started` counter") from None
 
     def increment_processed(self) -> None:
-        self._increment("processed")
+        try:
+            self.total.processed += 1  # type: ignore[attr-defined]
+            self.current.processed += 1  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"{type(self.total).__name__} has no `processed` counter") from None
 
     def increment_completed(self) -> None:
-        self._increment("completed")
+        self.total.completed += 1
+        self.current.completed += 1
 
     @classmethod
     def from_defaults(cls, tracker_cls: Type[ReadyCompletedTracker], **kwargs: int) -> "Progress":
