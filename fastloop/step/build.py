@@ -11,6 +11,7 @@ can serve. Hooks that only observe a step run outside the fused graph; hooks tha
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
@@ -18,6 +19,8 @@ from typing import Any, Callable, List, Optional
 from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, EagerTrainStep
 from fastloop.step.inspect_fn import is_generator_function, reads_argument
+
+log = logging.getLogger(__name__)
 
 # Hooks that can change what a step computes: overriding one keeps that loop eager.
 STEP_CHANGING_HOOKS = (
@@ -34,8 +37,13 @@ class StepReport:
     used: str
     reasons: List[str] = field(default_factory=list)
 
+    step: Any = None  # the step object, for its compile statistics
+
     def describe(self) -> str:
         text = self.used if self.used == self.requested else f"{self.used} (requested {self.requested})"
+        graphs = getattr(self.step, "graph_count", None)
+        if self.used != "eager" and graphs is not None:
+            text += f" [{graphs} graph(s), first-step compile {getattr(self.step, 'compile_seconds', 0.0):.1f} s]"
         for reason in self.reasons:
             text += f"\n    fallback: {reason}"
         return text
@@ -50,6 +58,8 @@ def target_mode(trainer: Any) -> str:
 
 def _report(loop: Any, requested: str, used: str, reasons: List[str]) -> None:
     loop.step_report = StepReport(requested, used, list(reasons))
+    if reasons:
+        log.info("%s runs %s: %s", type(loop).__name__, used, "; ".join(reasons))
     if reasons and requested != "auto":
         warnings.warn(
             f"fastloop: {type(loop).__name__} runs eagerly: " + "; ".join(reasons), RuntimeWarning, stacklevel=4
@@ -104,7 +114,9 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
             return step
         reasons.append(why)
     _report(loop, requested, "compiled", reasons)
-    return CompiledTrainStep(loop, fused, layouts)
+    step = CompiledTrainStep(loop, fused, layouts)
+    loop.step_report.step = step
+    return step
 
 
 def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
@@ -159,4 +171,6 @@ def build_eval_step(loop: Any) -> Callable[..., Any]:
 
     _report(loop, requested, "compiled", [] if mode == "compiled" else [
         "evaluation steps run compiled; CUDA graphs capture training steps only"])
-    return CompiledEvalStep(loop, CountingBackend(trainer.config.compile.inductor_config))
+    step = CompiledEvalStep(loop, CountingBackend(trainer.config.compile.inductor_config))
+    loop.step_report.step = step
+    return step

@@ -10,6 +10,7 @@ falls back to the eager step for good and ``trainer.explain()`` says why.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -182,6 +183,11 @@ class CompiledEvalStep:
         self._backend = backend
         self._compiled: Dict[str, Any] = {}
         self._capture: List[Any] = []
+        self.compile_seconds = 0.0
+
+    @property
+    def graph_count(self) -> int:
+        return self._backend.graphs
 
     def _fn(self, hook: str) -> Any:
         fn = self._compiled.get(hook)
@@ -202,9 +208,13 @@ class CompiledEvalStep:
         metrics = trainer.metrics
         previous_hook, trainer.hooks.current_hook = trainer.hooks.current_hook, hook
         metrics.capture = self._capture
+        graphs = self._backend.graphs
+        start = time.perf_counter()
         try:
             output = self._fn(hook)(batch, 0, *rest)
         finally:
+            if self._backend.graphs != graphs:
+                self.compile_seconds += time.perf_counter() - start
             metrics.capture = None
             trainer.hooks.current_hook = previous_hook
         logs, self._capture[:] = list(self._capture), []

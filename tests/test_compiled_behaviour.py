@@ -1,0 +1,169 @@
+"""Loop behaviours in compiled mode, each against the same run in eager mode: LR schedulers
+without recompiling, a smaller last batch, several optimizers, accumulation, counters,
+logging, evaluation, and checkpoints that cross modes. All models here share one MLP shape so
+the on-disk inductor cache serves most compilations."""
+import copy
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from fastloop import Callback, Trainer
+from fastloop.testing import BoringModel, random_loader
+
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("no_mode_override")]
+RTOL, ATOL = 1e-4, 1e-5  # see test_compiled_parity.py for why
+
+
+def train_step(trainer):
+    return trainer.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step
+
+
+def run(model, mode, loader=None, **kwargs):
+    kwargs.setdefault("max_epochs", 1)
+    trainer = Trainer(mode=mode, enable_progress_bar=False, num_sanity_val_steps=0, **kwargs)
+    torch.manual_seed(3)
+    trainer.fit(model, loader or random_loader(n=64, batch_size=16))
+    return trainer
+
+
+def assert_close_models(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, rtol=RTOL, atol=ATOL), name
+
+
+SCHEDULERS = {
+    "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=1, gamma=0.7),
+    "MultiStepLR": lambda opt: lr_scheduler.MultiStepLR(opt, milestones=[1, 3], gamma=0.5),
+    "CosineAnnealingLR": lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+    "OneCycleLR": lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=5),
+    "LambdaLR": lambda opt: lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)),
+    "ReduceLROnPlateau": lambda opt: lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5),
+}
+
+
+class Scheduled(BoringModel):
+    def __init__(self, name):
+        super().__init__(optimizer="adam", lr=0.01)
+        self.scheduler_name = name
+        self.lrs = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=0.01)
+        sched = SCHEDULERS[self.scheduler_name](opt)
+        if self.scheduler_name == "ReduceLROnPlateau":
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"},
+                    "monitor": "train_loss"}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_lr_schedulers_never_recompile():
+    for name in SCHEDULERS:
+        torch.manual_seed(0)
+        eager_model = Scheduled(name)
+        compiled_model = copy.deepcopy(eager_model)
+        run(eager_model, "eager")
+        trainer = run(compiled_model, "compiled")
+        assert train_step(trainer).graph_count == 1, name
+        assert compiled_model.lrs == eager_model.lrs and len(set(eager_model.lrs)) > 1, name
+        assert_close_models(eager_model, compiled_model)
+
+
+def test_smaller_last_batch_costs_one_more_graph_and_no_recompile_storm():
+    model = BoringModel(optimizer="adam")
+    reference = copy.deepcopy(model)
+    loader = random_loader(n=40, batch_size=16)  # batches of 16, 16 and 8
+    trainer = run(model, "compiled", loader, max_epochs=3)
+    run(reference, "eager", loader, max_epochs=3)
+    assert train_step(trainer).graph_count == 2
+    assert_close_models(model, reference)
+
+
+class TwoOptimizers(BoringModel):
+    def training_step(self, batch, batch_idx, optimizer_idx):
+        loss = self.loss(batch)
+        self.log(f"loss_{optimizer_idx}", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+def test_several_optimizers_get_one_graph_each():
+    model = TwoOptimizers()
+    reference = copy.deepcopy(model)
+    trainer = run(model, "compiled")
+    eager = run(reference, "eager")
+    assert train_step(trainer).graph_count == 2 and trainer.global_step == eager.global_step == 8
+    assert_close_models(model, reference)
+    for key in ("loss_0", "loss_1"):
+        assert torch.allclose(trainer.callback_metrics[key], eager.callback_metrics[key], rtol=RTOL)
+
+
+def test_accumulation_and_clipping_counters_match_eager():
+    model = BoringModel(optimizer="adam")
+    reference = copy.deepcopy(model)
+    kwargs = dict(max_epochs=2, accumulate_grad_batches=3, gradient_clip_val=0.1)
+    trainer = run(model, "compiled", **kwargs)
+    eager = run(reference, "eager", **kwargs)
+    assert trainer.fit_loop.state_dict() == eager.fit_loop.state_dict()
+    assert trainer.global_step == 4 and train_step(trainer).graph_count == 2
+    assert_close_models(model, reference)
+
+
+class Observed(Callback):
+    """Observing hooks still run in compiled mode, after the fused graph."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        self.calls.append("zero_grad")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.calls.append("backward")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.calls.append(round(float(outputs["loss"]), 4))
+
+
+def test_compiled_evaluation_logging_and_observer_hooks_match_eager():
+    compiled_cb, eager_cb = Observed(), Observed()
+    model = BoringModel(optimizer="adam")
+    reference = copy.deepcopy(model)
+    val = random_loader(n=32, batch_size=16, seed=1)
+    trainer = Trainer(max_epochs=1, mode="compiled", enable_progress_bar=False, callbacks=[compiled_cb])
+    trainer.fit(model, random_loader(n=64, batch_size=16), val)
+    eager = Trainer(max_epochs=1, mode="eager", enable_progress_bar=False, callbacks=[eager_cb])
+    eager.fit(reference, random_loader(n=64, batch_size=16), val)
+    assert compiled_cb.calls == eager_cb.calls
+    for key in ("train_loss", "val_loss"):
+        assert torch.allclose(trainer.callback_metrics[key], eager.callback_metrics[key], rtol=RTOL, atol=ATOL)
+    assert trainer.fit_loop.epoch_loop.val_loop.epoch_loop.step_report.used == "compiled"
+    test = random_loader(n=32, batch_size=16, seed=2)
+    assert trainer.test(model, test)[0]["test_loss"] == pytest.approx(eager.test(reference, test)[0]["test_loss"],
+                                                                      rel=RTOL)
+    predictions = trainer.predict(model, test)
+    expected = eager.predict(reference, test)
+    assert all(torch.allclose(a, b, rtol=RTOL, atol=ATOL) for a, b in zip(predictions, expected))
+
+
+@pytest.mark.parametrize("first, second", [("compiled", "eager"), ("eager", "compiled")])
+def test_checkpoints_cross_modes(tmp_path, first, second):
+    torch.manual_seed(0)
+    model = BoringModel(optimizer="adam")
+    initial = copy.deepcopy(model.state_dict())
+    run(model, "eager", max_epochs=2)  # the reference: two eager epochs
+
+    part = BoringModel(optimizer="adam")
+    part.load_state_dict(initial)
+    t1 = run(part, first)
+    t1.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = BoringModel(optimizer="adam")
+    t2 = Trainer(max_epochs=2, mode=second, enable_progress_bar=False)
+    t2.fit(resumed, random_loader(n=64, batch_size=16), ckpt_path=tmp_path / "one.ckpt")
+    assert t2.global_step == 8
+    assert_close_models(model, resumed)
