@@ -143,12 +143,16 @@ class FunctionalOptimizer:
         self.group_index = [group_of[id(p)] for p in self.params]
         self.used_groups = sorted(set(self.group_index))
         self.structure = {gi: self._structure(optimizer.param_groups[gi]) for gi in self.used_groups}
+        self._raw_structure: Optional[tuple] = None
         self.device = self.params[0].device
-        # Device copy of the scalar table (unused on CPU, where the fresh host
-        # tensor is passed to the graph directly).
+        # The scalar table: written on the host through a numpy view (cheaper
+        # than building a tensor from a list each step); on CPU it is the graph
+        # input itself, elsewhere it is copied to a device tensor.
+        shape = (len(self.params), len(self.columns))
+        self._scalars_host = torch.zeros(shape, dtype=torch.float64)
+        self._scalars_np = self._scalars_host.numpy()
         self._scalars_dev = (
-            None if self.device.type == "cpu"
-            else torch.zeros(len(self.params), len(self.columns), dtype=torch.float64, device=self.device)
+            None if self.device.type == "cpu" else torch.zeros(shape, dtype=torch.float64, device=self.device)
         )
         # SGD: which momentum buffers were just created (torch copies the grad
         # into a new buffer on its first step); a bool tensor so that the first
@@ -173,6 +177,11 @@ class FunctionalOptimizer:
 
     def _check_structure(self) -> None:
         groups = self.optimizer.param_groups
+        keys = ("maximize", "nesterov", "momentum") if self.kind == "SGD" else (
+            "maximize", "amsgrad", "decoupled_weight_decay")
+        raw = tuple(tuple(groups[gi].get(k) for k in keys) for gi in self.used_groups)
+        if raw == self._raw_structure:  # fast path: nothing changed
+            return
         for gi in self.used_groups:
             now = self._structure(groups[gi])
             if now != self.structure[gi]:
@@ -180,6 +189,7 @@ class FunctionalOptimizer:
                     f"param group {gi} changed a structural option ({self.structure[gi]} -> {now}) "
                     "after the fused step was built; rebuild it"
                 )
+        self._raw_structure = raw
 
     @staticmethod
     def _float(value: Any) -> float:
@@ -255,9 +265,13 @@ class FunctionalOptimizer:
                     row = row_cache[(gi, 0.0)] = self._sgd_row(groups[gi])
             per_param.append(entry)
             rows.append(row)
-        scalars = torch.tensor(rows, dtype=torch.float64)
+        # On CPU the previous graph call has finished (CPU execution is
+        # synchronous), so overwriting the table in place is safe.
+        self._scalars_np[...] = rows
+        scalars = self._scalars_host
         if self._scalars_dev is not None:
-            # Pageable host-to-device copy, asynchronous: no device sync.
+            # Pageable host-to-device copy with non_blocking: CUDA stages the
+            # host data immediately and does not synchronise the device.
             scalars = self._scalars_dev.copy_(scalars, non_blocking=True)
         pattern = tuple(fresh)
         if self.kind == "SGD" and pattern != self._fresh_pattern:
