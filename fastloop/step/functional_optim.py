@@ -38,12 +38,6 @@ from torch import Tensor
 
 __all__ = ["FunctionalOptimizer", "make_functional_optimizer"]
 
-# Structural flags: they decide which ops (and which state keys) exist, so they
-# are baked into the graph. Changing one after build is an error, not a recompile.
-_STRUCTURAL = {
-    "SGD": ("maximize", "nesterov", "momentum_nonzero"),
-    "Adam": ("maximize", "amsgrad", "decoupled_weight_decay"),
-}
 # Columns of the per-parameter scalar table fed to the graph (float64, one row
 # per parameter), computed on the host from param_groups and the step count.
 _SGD_COLS = ("lr", "momentum", "one_minus_dampening", "weight_decay")
@@ -162,6 +156,8 @@ class FunctionalOptimizer:
 
     # ------------------------------------------------------------------ host side
     def _structure(self, group: dict) -> dict[str, bool]:
+        # Structural flags decide which ops (and state keys) exist, so they are
+        # baked into the graph; changing one after build is an error, not a recompile.
         if self.kind == "SGD":
             return {
                 "maximize": bool(group.get("maximize", False)),
@@ -292,8 +288,10 @@ class FunctionalOptimizer:
         per_param, scalars, fresh_buf = inputs
         for i, (p, g) in enumerate(zip(params, grads)):
             s = self.structure[self.group_index[i]]
-            # Python-float scalars become the parameter dtype, as in torch's kernels.
-            h = dict(zip(self.columns, scalars[i].to(p.dtype).unbind()))
+            # Python-float scalars become the kernels' math type, as in torch:
+            # the parameter dtype for fp32/fp64, float32 for fp16/bf16.
+            opmath = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            h = dict(zip(self.columns, scalars[i].to(opmath).unbind()))
             if self.kind == "SGD":
                 self._sgd_one(p, g, per_param[i], h, s, fresh_buf[i])
             else:
