@@ -6,18 +6,22 @@ that changes between steps is a tensor input of that graph:
 
 * hyperparameters are read from the user's ``optimizer.param_groups`` on every
   step (so any LR scheduler keeps working, including ``ReduceLROnPlateau``
-  writing plain floats) and written into small 0-d float64 tensors, outside the
-  graph; a new learning rate is a new *value*, never a recompile;
+  writing plain floats); together with the scalar terms that depend on the
+  step count (Adam's bias corrections) they are computed on the host in Python
+  floats, exactly as torch's single-tensor code does, and handed to the graph
+  as one small float64 table (a row per parameter). A new learning rate is a
+  new *value* of a graph input, never a recompile. (Computing the bias
+  corrections inside the graph was slower on CPU: inductor inlines those
+  scalar ``pow`` calls into every element of the update loops.)
 * optimizer state lives in ``optimizer.state[p]`` with torch's own keys, dtypes
   and devices, so ``optimizer.state_dict()`` round-trips with eager
   ``optimizer.step()`` in both directions.
 
-Numerics follow torch's single-tensor (``foreach=False``) code path: the scalar
-Adam terms (bias corrections, step size) are computed in float64, as torch does
-with Python floats, and cast to the parameter dtype where torch casts them.
-Elementwise rounding can still differ by an ulp (ATen's CPU kernels use fused
-multiply-add in places, inductor chooses its own); after 30 fp32 steps the
-parameters agree with torch to about 1e-6 relative (see the tests).
+Numerics follow torch's single-tensor (``foreach=False``) code path: scalars are
+Python floats cast to the parameter dtype where torch casts them. Elementwise
+rounding can still differ by an ulp (ATen's CPU kernels use fused multiply-add
+in places, inductor chooses its own); after 30 fp32 steps Adam/AdamW parameters
+agree with torch to <= 4e-7 relative, SGD to ~1 ulp per step (see the tests).
 
 Per-step protocol (the fused step drives it)::
 
@@ -34,17 +38,11 @@ from torch import Tensor
 
 __all__ = ["FunctionalOptimizer", "make_functional_optimizer"]
 
-# Structural flags: they decide which ops (and which state keys) exist, so they
-# are baked into the graph. Changing one after build is an error, not a recompile.
-_STRUCTURAL = {
-    "SGD": ("maximize", "nesterov", "momentum_nonzero"),
-    "Adam": ("maximize", "amsgrad", "decoupled_weight_decay"),
-}
-# Hyperparameters fed to the graph as tensors (read every step).
-_HYPERS = {
-    "SGD": ("lr", "momentum", "dampening", "weight_decay"),
-    "Adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
-}
+# Columns of the per-parameter scalar table fed to the graph (float64, one row
+# per parameter), computed on the host from param_groups and the step count.
+_SGD_COLS = ("lr", "momentum", "one_minus_dampening", "weight_decay")
+_ADAM_COLS = ("step_size", "bias_correction2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2",
+              "eps", "weight_decay", "decay_factor")
 
 
 def make_functional_optimizer(
@@ -124,36 +122,42 @@ def _unsupported_reason(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
 class FunctionalOptimizer:
     """Traceable in-place update equivalent to ``optimizer.step()``.
 
-    Holds only hyperparameter tensors and a few flags; all optimizer state stays
-    in ``optimizer.state`` and is looked up again on every :meth:`prepare`, so
+    Holds only a few flags; all optimizer state stays in ``optimizer.state``
+    and is looked up again on every :meth:`prepare`, so
     ``optimizer.load_state_dict`` at any time is honoured.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
         self.optimizer = optimizer
         self.kind = "SGD" if isinstance(optimizer, torch.optim.SGD) else "Adam"
+        self.columns = _SGD_COLS if self.kind == "SGD" else _ADAM_COLS
         self.params = list(params)
         group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         # Static per-parameter group index (a Python constant inside the graph).
         self.group_index = [group_of[id(p)] for p in self.params]
         self.used_groups = sorted(set(self.group_index))
         self.structure = {gi: self._structure(optimizer.param_groups[gi]) for gi in self.used_groups}
-        device = self.params[0].device
-        # One 0-d float64 tensor per (group, hyperparameter): updated in place
-        # outside the graph, read inside it.
-        self.hypers = {
-            gi: {k: torch.zeros((), dtype=torch.float64, device=device) for k in _HYPERS[self.kind]}
-            for gi in self.used_groups
-        }
-        self._last_values: dict[int, dict[str, float]] = {gi: {} for gi in self.used_groups}
+        self._raw_structure: Optional[tuple] = None
+        self.device = self.params[0].device
+        # The scalar table: written on the host through a numpy view (cheaper
+        # than building a tensor from a list each step); on CPU it is the graph
+        # input itself, elsewhere it is copied to a device tensor.
+        shape = (len(self.params), len(self.columns))
+        self._scalars_host = torch.zeros(shape, dtype=torch.float64)
+        self._scalars_np = self._scalars_host.numpy()
+        self._scalars_dev = (
+            None if self.device.type == "cpu" else torch.zeros(shape, dtype=torch.float64, device=self.device)
+        )
         # SGD: which momentum buffers were just created (torch copies the grad
         # into a new buffer on its first step); a bool tensor so that the first
         # step is a value, not a separate graph.
         self._fresh_pattern: Optional[tuple[bool, ...]] = None
-        self.fresh_buf = torch.zeros(len(self.params), dtype=torch.bool, device=device)
+        self.fresh_buf = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
 
     # ------------------------------------------------------------------ host side
     def _structure(self, group: dict) -> dict[str, bool]:
+        # Structural flags decide which ops (and state keys) exist, so they are
+        # baked into the graph; changing one after build is an error, not a recompile.
         if self.kind == "SGD":
             return {
                 "maximize": bool(group.get("maximize", False)),
@@ -167,38 +171,40 @@ class FunctionalOptimizer:
             or isinstance(self.optimizer, torch.optim.AdamW),
         }
 
-    def _group_values(self, group: dict) -> dict[str, Any]:
-        if self.kind == "SGD":
-            return {
-                "lr": group["lr"],
-                "momentum": group["momentum"],
-                "dampening": group["dampening"],
-                "weight_decay": group["weight_decay"],
-            }
-        b1, b2 = group["betas"]
-        return {"lr": group["lr"], "beta1": b1, "beta2": b2, "eps": group["eps"],
-                "weight_decay": group["weight_decay"]}
-
-    def _refresh_hypers(self) -> None:
-        """Copy the current param_group values into the hyperparameter tensors."""
+    def _check_structure(self) -> None:
         groups = self.optimizer.param_groups
+        keys = ("maximize", "nesterov", "momentum") if self.kind == "SGD" else (
+            "maximize", "amsgrad", "decoupled_weight_decay")
+        raw = tuple(tuple(groups[gi].get(k) for k in keys) for gi in self.used_groups)
+        if raw == self._raw_structure:  # fast path: nothing changed
+            return
         for gi in self.used_groups:
-            group = groups[gi]
-            if self._structure(group) != self.structure[gi]:
+            now = self._structure(groups[gi])
+            if now != self.structure[gi]:
                 raise RuntimeError(
-                    f"param group {gi} changed a structural option ({self.structure[gi]} -> "
-                    f"{self._structure(group)}) after the fused step was built; rebuild it"
+                    f"param group {gi} changed a structural option ({self.structure[gi]} -> {now}) "
+                    "after the fused step was built; rebuild it"
                 )
-            last = self._last_values[gi]
-            tensors = self.hypers[gi]
-            for key, value in self._group_values(group).items():
-                if isinstance(value, Tensor):
-                    tensors[key].copy_(value)  # device-to-device (or CPU) copy, no sync
-                elif last.get(key) != value:
-                    # Only changed values are written: fill_ with a Python
-                    # scalar is a launch on GPU, no host-device sync.
-                    tensors[key].fill_(value)
-                    last[key] = value
+        self._raw_structure = raw
+
+    @staticmethod
+    def _float(value: Any) -> float:
+        # A tensor lr is read as torch's own single-tensor step reads it
+        # (.item(): a host-device sync if that tensor lives on a GPU).
+        return float(value) if isinstance(value, Tensor) else value
+
+    def _sgd_row(self, group: dict) -> list[float]:
+        return [self._float(group["lr"]), group["momentum"], 1 - group["dampening"], group["weight_decay"]]
+
+    def _adam_row(self, group: dict, step: float) -> list[float]:
+        # Same Python-float expressions as torch.optim.adam._single_tensor_adam.
+        lr = self._float(group["lr"])
+        beta1, beta2 = group["betas"]
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        wd = group["weight_decay"]
+        return [lr / bias_correction1, bias_correction2**0.5, 1 - beta1, beta2, 1 - beta2,
+                group["eps"], wd, 1 - lr * wd]
 
     def _init_state(self, p: Tensor, state: dict, s: dict[str, bool]) -> bool:
         """Create missing state the way torch's ``_init_group`` does.
@@ -223,36 +229,53 @@ class FunctionalOptimizer:
         return False
 
     def prepare(self) -> tuple:
-        """Refresh hyperparameters and collect state tensors; call before :meth:`update`.
+        """Collect state tensors and this step's scalars; call before :meth:`update`.
 
         Returns the pytree of tensors that :meth:`update` needs (pass it through
         the compiled function as an argument, never capture it).
         """
-        self._refresh_hypers()
+        self._check_structure()
+        groups = self.optimizer.param_groups
         states = self.optimizer.state
-        fresh = []
-        per_param = []
+        fresh, per_param, rows = [], [], []
+        row_cache: dict[tuple[int, float], list[float]] = {}
         for i, p in enumerate(self.params):
+            gi = self.group_index[i]
+            s = self.structure[gi]
             st = states[p]
-            s = self.structure[self.group_index[i]]
             fresh.append(self._init_state(p, st, s))
             if self.kind == "Adam":
                 entry = [st["step"], st["exp_avg"], st["exp_avg_sq"]]
                 if s["amsgrad"]:
                     entry.append(st["max_exp_avg_sq"])
-            elif s["momentum_nonzero"]:
-                entry = [st["momentum_buffer"]]
+                # The step tensor is on the CPU (torch's non-capturable layout):
+                # reading it is not a device sync. +1: the graph increments it.
+                step = float(st["step"]) + 1
+                row = row_cache.get((gi, step))
+                if row is None:
+                    row = row_cache[(gi, step)] = self._adam_row(groups[gi], step)
             else:
-                entry = []
+                entry = [st["momentum_buffer"]] if s["momentum_nonzero"] else []
+                row = row_cache.get((gi, 0.0))
+                if row is None:
+                    row = row_cache[(gi, 0.0)] = self._sgd_row(groups[gi])
             per_param.append(entry)
+            rows.append(row)
+        # On CPU the previous graph call has finished (CPU execution is
+        # synchronous), so overwriting the table in place is safe.
+        self._scalars_np[...] = rows
+        scalars = self._scalars_host
+        if self._scalars_dev is not None:
+            # Pageable host-to-device copy with non_blocking: CUDA stages the
+            # host data immediately and does not synchronise the device.
+            scalars = self._scalars_dev.copy_(scalars, non_blocking=True)
         pattern = tuple(fresh)
         if self.kind == "SGD" and pattern != self._fresh_pattern:
             # Happens on the first step and after a state reload only. On a GPU
             # this is a small host-to-device copy (may synchronise); never per step.
             self.fresh_buf.copy_(torch.tensor(pattern, dtype=torch.bool))
             self._fresh_pattern = pattern
-        hypers = [self.hypers[gi] for gi in self.used_groups]
-        return per_param, hypers, self.fresh_buf
+        return per_param, scalars, self.fresh_buf
 
     def finish(self) -> None:
         """Host bookkeeping after an update ran (keeps LR schedulers from warning)."""
@@ -262,56 +285,47 @@ class FunctionalOptimizer:
     @torch.no_grad()
     def update(self, params: Sequence[Tensor], grads: Sequence[Tensor], inputs: tuple) -> None:
         """Apply one optimizer step in place. Pure tensor ops: safe in a fullgraph region."""
-        per_param, hypers, fresh_buf = inputs
-        slot = {gi: k for k, gi in enumerate(self.used_groups)}
+        per_param, scalars, fresh_buf = inputs
         for i, (p, g) in enumerate(zip(params, grads)):
-            gi = self.group_index[i]
-            h = hypers[slot[gi]]
+            s = self.structure[self.group_index[i]]
+            # Python-float scalars become the kernels' math type, as in torch:
+            # the parameter dtype for fp32/fp64, float32 for fp16/bf16.
+            opmath = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            h = dict(zip(self.columns, scalars[i].to(opmath).unbind()))
             if self.kind == "SGD":
-                self._sgd_one(p, g, per_param[i], h, self.structure[gi], fresh_buf[i])
+                self._sgd_one(p, g, per_param[i], h, s, fresh_buf[i])
             else:
-                self._adam_one(p, g, per_param[i], h, self.structure[gi])
+                self._adam_one(p, g, per_param[i], h, s)
 
     @staticmethod
     def _sgd_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:
-        dt = p.dtype
-        lr, wd = h["lr"].to(dt), h["weight_decay"].to(dt)
         if s["maximize"]:
             g = -g
-        g = g + p * wd  # torch skips this when wd == 0; adding p * 0 is exact
+        g = g + p * h["weight_decay"]  # torch skips this when wd == 0; adding p * 0 is exact
         if s["momentum_nonzero"]:
             (buf,) = state
-            momentum = h["momentum"].to(dt)
-            one_minus_damp = (1 - h["dampening"]).to(dt)
+            momentum = h["momentum"]
             # First step: torch sets buf = grad.clone(); later: buf*m + (1-d)*grad.
-            buf.copy_(torch.where(fresh, g, buf * momentum + g * one_minus_damp))
+            buf.copy_(torch.where(fresh, g, buf * momentum + g * h["one_minus_dampening"]))
             g = g + buf * momentum if s["nesterov"] else buf
-        p.sub_(g * lr)
+        p.sub_(g * h["lr"])
 
     @staticmethod
     def _adam_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict) -> None:
-        dt = p.dtype
         step_t, exp_avg, exp_avg_sq = state[0], state[1], state[2]
-        lr, beta1, beta2, eps, wd = h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
         if s["maximize"]:
             g = -g
         step_t.add_(1)
         if s["decoupled_weight_decay"]:
-            p.mul_((1 - lr * wd).to(dt))
+            p.mul_(h["decay_factor"])
         else:
-            g = g + p * wd.to(dt)
-        exp_avg.lerp_(g, (1 - beta1).to(dt))
-        exp_avg_sq.mul_(beta2.to(dt)).add_(g * (1 - beta2).to(dt) * g)
-        # Scalar terms in float64, as torch computes them with Python floats.
-        step = step_t.to(torch.float64)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = (lr / bias_correction1).to(dt)
-        bias_correction2_sqrt = (bias_correction2**0.5).to(dt)
+            g = g + p * h["weight_decay"]
+        exp_avg.lerp_(g, h["one_minus_beta1"])
+        exp_avg_sq.mul_(h["beta2"]).add_(g * h["one_minus_beta2"] * g)
         if s["amsgrad"]:
             max_sq = state[3]
             max_sq.copy_(torch.maximum(max_sq, exp_avg_sq))
-            denom = max_sq.sqrt() / bias_correction2_sqrt + eps.to(dt)
+            denom = max_sq.sqrt() / h["bias_correction2_sqrt"] + h["eps"]
         else:
-            denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps.to(dt)
-        p.sub_(step_size * exp_avg / denom)
+            denom = exp_avg_sq.sqrt() / h["bias_correction2_sqrt"] + h["eps"]
+        p.sub_(h["step_size"] * exp_avg / denom)

@@ -15,8 +15,25 @@ gradient that was used after a stepping call (as it does in eager after
 ``optimizer.step()``).
 
 Everything that varies between calls is a graph input (parameters, buffers,
-gradients, optimizer state, hyperparameter tensors, a "new window" flag), so
-an LR scheduler never recompiles; a smaller last batch costs one extra graph.
+gradients, optimizer state, the optimizer's scalar table, a "new window"
+flag), so an LR scheduler never recompiles; a smaller last batch costs one
+extra graph (``dynamic=False``: shapes stay static and kernels specialised).
+There is no host-device synchronisation per call.
+
+Known limitations (each makes the build or the first call fail, or costs a graph):
+
+* Anything that breaks ``fullgraph`` in ``loss_fn``: ``.item()``/``float(t)``,
+  printing tensors, data-dependent Python ``if``, BatchNorm with
+  ``momentum=None`` (it reads ``num_batches_tracked`` as a Python float),
+  storing tensors created inside the transform on the module (return logged
+  values through ``aux`` instead).
+* Changing module state that Dynamo guards (``train()``/``eval()``, hooks)
+  recompiles; replacing the module's tensors (``.to()``, ``load_state_dict``
+  with ``assign=True``) needs a rebuild (the step keeps aliases of them).
+* Parameters the loss does not use get a zero gradient and are still updated
+  (eager would skip them because their ``.grad`` is ``None``).
+* One device per step; the CUDA path is written (no syncs, device scalar
+  table) but has not been run here.
 """
 from __future__ import annotations
 
