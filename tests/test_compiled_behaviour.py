@@ -109,7 +109,8 @@ def test_accumulation_and_clipping_counters_match_eager():
     kwargs = dict(max_epochs=2, accumulate_grad_batches=3, gradient_clip_val=0.1)
     trainer = run(model, "compiled", **kwargs)
     eager = run(reference, "eager", **kwargs)
-    assert trainer.fit_loop.state_dict() == eager.fit_loop.state_dict()
+    progress = lambda t: {k: v for k, v in t.fit_loop.state_dict().items() if not k.endswith("state_dict")}
+    assert progress(trainer) == progress(eager)
     assert trainer.global_step == 4 and train_step(trainer).graph_count == 2
     assert_close_models(model, reference)
 
