@@ -40,6 +40,13 @@ def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
         yield from iter_loops(child, f"{prefix}.{name}")
 
 
+def _has_own_state(loader: Any) -> bool:
+    """A loader that saves and restores its position (``TensorLoader``); torch's ``DataLoader``
+    (whose state is recreated from the RNG instead) is not one."""
+    return (not isinstance(loader, torch.utils.data.DataLoader) and callable(getattr(loader, "state_dict", None))
+            and callable(getattr(loader, "load_state_dict", None)))
+
+
 class Trainer:
     """Runs a ``Module`` through fit/validate/test/predict loops."""
 
@@ -104,6 +111,7 @@ class Trainer:
         self._sanity_done = False
         self._loops_ready = False
         self._validation_enabled = None
+        self._checkpoint_loader_state: Optional[Dict[str, Any]] = None
 
         limits = self.config.limits
         fit_loop = FitLoop(min_epochs=limits.min_epochs or 0, max_epochs=limits.max_epochs)
@@ -163,6 +171,7 @@ class Trainer:
         self._sanity_done = False
         self._loops_ready = False
         self._validation_enabled: Optional[bool] = None
+        self._checkpoint_loader_state = checkpoint.get("train_loader") if checkpoint else None
         self.train_data = None
         self.hooks = HookDispatcher(self, model, self.callbacks + list(model.configure_callbacks() or []))
         self.data.attach(datamodule, **loaders)
@@ -240,6 +249,11 @@ class Trainer:
                 "`train_dataloader()` on the module"
             )
         self.train_data = data
+        loader = data.loaders[0]
+        if self._checkpoint_loader_state is not None and _has_own_state(loader):
+            # The checkpoint's loader state (seed, epoch) wins over the new loader's own.
+            loader.load_state_dict(self._checkpoint_loader_state)
+            self._checkpoint_loader_state = None
         n = data.max_batches[0]
         interval = self.config.validation.val_check_interval
         if isinstance(interval, float):
@@ -298,9 +312,7 @@ class Trainer:
 
     def _resume_loader_position(self, loader: Any, next_batch: int) -> bool:
         """Let a loader with its own state (``TensorLoader``) resume at ``next_batch``."""
-        if not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))):
-            return False
-        if isinstance(loader, torch.utils.data.DataLoader):
+        if not _has_own_state(loader):
             return False
         state = dict(loader.state_dict())
         if "next_batch" not in state:
@@ -467,8 +479,7 @@ class Trainer:
             if self.datamodule is not None:
                 checkpoint["datamodule"] = self.datamodule.state_dict()
             loader = self.train_data.loaders[0] if self.train_data is not None else None
-            if loader is not None and not isinstance(loader, torch.utils.data.DataLoader) and \
-                    callable(getattr(loader, "state_dict", None)):
+            if loader is not None and _has_own_state(loader):
                 checkpoint["train_loader"] = loader.state_dict()
         self.hooks.call_callbacks("on_save_checkpoint", checkpoint)
         self.hooks.call_module("on_save_checkpoint", checkpoint)

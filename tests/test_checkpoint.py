@@ -188,3 +188,44 @@ def test_module_and_callback_checkpoint_hooks(tmp_path):
     cb2, model2 = Stateful(), Hooked()
     trainer(max_epochs=2, callbacks=[cb2]).fit(model2, shuffled_loader(), ckpt_path=tmp_path / "c.pt")
     assert model2.loaded_extra == 7 and cb2.count == 8
+
+
+def tensor_loader(seed=5):
+    from fastloop.data import TensorLoader
+
+    data = random_dataset(n=64)
+    return TensorLoader(*data.tensors, batch_size=16, shuffle=True, seed=seed)
+
+
+@pytest.mark.parametrize("save_step", [3, 4])
+def test_tensor_loader_resumes_at_the_exact_next_batch(tmp_path, save_step):
+    path = tmp_path / "tl.ckpt"
+    torch.manual_seed(4)
+    model = ResumableModel()
+    initial = copy.deepcopy(model.state_dict())
+    trainer(max_epochs=3, callbacks=[SaveAt(path, save_step)]).fit(model, tensor_loader())
+    assert torch.load(path, weights_only=True)["train_loader"]["seed"] == 5
+
+    resumed = ResumableModel()
+    resumed.load_state_dict(initial)
+    # a loader built with another seed still resumes the checkpoint's order
+    trainer(max_epochs=3).fit(resumed, tensor_loader(seed=99), ckpt_path=path)
+    assert resumed.seen == model.seen[save_step:]
+    assert torch.equal(params(model), params(resumed))
+
+
+def test_tensor_loader_seed_comes_from_the_checkpoint_at_epoch_boundaries(tmp_path):
+    torch.manual_seed(4)
+    model = ResumableModel()
+    initial = copy.deepcopy(model.state_dict())
+    trainer(max_epochs=2).fit(model, tensor_loader())
+    torch.manual_seed(4)
+    first = ResumableModel()
+    first.load_state_dict(initial)
+    t1 = trainer(max_epochs=1)
+    t1.fit(first, tensor_loader())
+    t1.save_checkpoint(tmp_path / "e1.ckpt")
+    resumed = ResumableModel()
+    trainer(max_epochs=2).fit(resumed, tensor_loader(seed=99), ckpt_path=tmp_path / "e1.ckpt")
+    assert first.seen + resumed.seen == model.seen
+    assert torch.equal(params(model), params(resumed))
