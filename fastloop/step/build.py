@@ -130,6 +130,8 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             clip_val=trainer.gradient_clip_val or None, clip_algorithm=trainer.gradient_clip_algorithm,
             accumulate=trainer.accumulate_grad_batches, compile=True,
             inductor_config=trainer.config.compile.inductor_config,
+            precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
+            step_on_device=target_mode(trainer) == "cudagraph",
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")

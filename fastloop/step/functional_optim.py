@@ -48,7 +48,8 @@ _HYPERS = {
 
 
 def make_functional_optimizer(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, step_on_device: bool = False,
+    use_triton: bool = False,
 ) -> tuple[Optional["FunctionalOptimizer"], Optional[str]]:
     """Wrap ``optimizer`` so that its update for ``params`` can be traced.
 
@@ -60,11 +61,45 @@ def make_functional_optimizer(
     it will pass their gradients; each must belong to one of the optimizer's
     param groups. Optimizer parameters not listed are left alone (as eager
     ``step()`` leaves parameters whose ``.grad`` is ``None``).
+
+    ``step_on_device``: keep Adam's ``state["step"]`` on the parameters' device
+    (float32, as torch's capturable Adam does) instead of torch's CPU default. A
+    CUDA graph cannot read or update a CPU tensor, so the CUDA-graph step needs
+    this. Checkpoints stay loadable everywhere: a device ``step`` is accepted by
+    eager ``torch.optim.Adam`` (it reads it with ``.item()``) and by this class
+    in the other modes, and a CPU ``step`` loaded later is moved at the next
+    :meth:`FunctionalOptimizer.prepare`.
+
+    ``use_triton``: apply the update with ``torch.ops.fastloop.fused_adam`` /
+    ``fused_sgd`` (one Triton launch per parameter) instead of tensor ops.
+    Needs ``fastloop.kernels.triton_available()``, contiguous parameters and
+    ``step_on_device`` semantics for Adam (the kernel reads the step on the
+    parameter's device); when they are missing, the pure-torch update is used and
+    :attr:`FunctionalOptimizer.triton_reason` says why.
     """
     reason = _unsupported_reason(optimizer, params)
     if reason is not None:
         return None, reason
-    return FunctionalOptimizer(optimizer, params), None
+    return FunctionalOptimizer(optimizer, params, step_on_device=step_on_device, use_triton=use_triton), None
+
+
+def triton_update_blocker(params: Sequence[Tensor]) -> str:
+    """Why the Triton update kernels cannot serve ``params`` ('' when they can)."""
+    from fastloop import kernels
+
+    reason = kernels.unavailable_reason()
+    if reason:
+        return reason
+    from fastloop.kernels import ops
+
+    if not ops.REGISTERED:
+        return "this torch has no torch.library.custom_op/triton_op to register the kernels"
+    for p in params:
+        if not p.is_contiguous():
+            return "a parameter is not contiguous (the kernels take flat buffers)"
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the kernels do not handle {p.dtype} parameters"
+    return ""
 
 
 def _unsupported_reason(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Optional[str]:
@@ -129,8 +164,10 @@ class FunctionalOptimizer:
     ``optimizer.load_state_dict`` at any time is honoured.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *,
+                 step_on_device: bool = False, use_triton: bool = False) -> None:
         self.optimizer = optimizer
+        self.step_on_device = step_on_device
         self.kind = "SGD" if isinstance(optimizer, torch.optim.SGD) else "Adam"
         self.params = list(params)
         group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -151,6 +188,10 @@ class FunctionalOptimizer:
         # step is a value, not a separate graph.
         self._fresh_pattern: Optional[tuple[bool, ...]] = None
         self.fresh_buf = torch.zeros(len(self.params), dtype=torch.bool, device=device)
+        self.triton_reason = triton_update_blocker(self.params) if use_triton else "not requested"
+        self.use_triton = use_triton and not self.triton_reason
+        if self.use_triton and self.kind == "Adam":
+            self.step_on_device = True  # the kernel reads the step next to the parameter
 
     # ------------------------------------------------------------------ host side
     def _structure(self, group: dict) -> dict[str, bool]:
@@ -207,8 +248,10 @@ class FunctionalOptimizer:
         """
         if self.kind == "Adam":
             if len(state) == 0:
-                # torch keeps a non-capturable step as a CPU float32 scalar tensor.
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # torch keeps a non-capturable step as a CPU float32 scalar tensor;
+                # a captured (or Triton) update needs it on the device.
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=p.device if self.step_on_device else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if s["amsgrad"]:
@@ -236,6 +279,9 @@ class FunctionalOptimizer:
             st = states[p]
             s = self.structure[self.group_index[i]]
             fresh.append(self._init_state(p, st, s))
+            if self.kind == "Adam" and self.step_on_device and st["step"].device != p.device:
+                # After load_state_dict of a CPU step: moved once (a tiny H2D copy), not per step.
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
             if self.kind == "Adam":
                 entry = [st["step"], st["exp_avg"], st["exp_avg_sq"]]
                 if s["amsgrad"]:
@@ -267,10 +313,30 @@ class FunctionalOptimizer:
         for i, (p, g) in enumerate(zip(params, grads)):
             gi = self.group_index[i]
             h = hypers[slot[gi]]
-            if self.kind == "SGD":
+            if self.use_triton:
+                self._triton_one(p, g, per_param[i], h, self.structure[gi], fresh_buf[i])
+            elif self.kind == "SGD":
                 self._sgd_one(p, g, per_param[i], h, self.structure[gi], fresh_buf[i])
             else:
                 self._adam_one(p, g, per_param[i], h, self.structure[gi])
+
+    def _triton_one(self, p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:
+        """One parameter through the fused Triton kernel (flat views; the op mutates them)."""
+        ops = torch.ops.fastloop
+        flat = p.view(-1)
+        grad = g.reshape(-1).contiguous()
+        if self.kind == "Adam":
+            max_sq = state[3].view(-1) if s["amsgrad"] else None
+            ops.fused_adam(flat, grad, state[1].view(-1), state[2].view(-1), max_sq, state[0],
+                           h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+                           s["decoupled_weight_decay"], s["amsgrad"], s["maximize"])
+            return
+        buf = state[0].view(-1) if s["momentum_nonzero"] else None
+        # torch.optim.SGD keeps no step; the kernel marks the first update by step == 1
+        # (it adds 1 before reading), so feed it 0 for a fresh buffer, 1 otherwise.
+        step_t = (~fresh).to(torch.float32)
+        ops.fused_sgd(flat, grad, buf, step_t, h["lr"], h["momentum"], h["dampening"],
+                      h["weight_decay"], s["nesterov"], s["maximize"])
 
     @staticmethod
     def _sgd_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:
