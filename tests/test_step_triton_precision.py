@@ -204,3 +204,37 @@ def test_device_loss_scaler_grows_after_the_interval():
         s.update(s.scale, s.growth_tracker, found)
     # 4 -> (2 clean) 8 -> (1 clean) 8 -> overflow 4
     assert float(s.scale) == 4.0 and int(s.growth_tracker) == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_eager_trainer_uses_autocast_and_grad_scaler(precision):
+    import copy
+
+    from fastloop import Trainer
+    from fastloop.testing import BoringModel, random_loader
+
+    model = BoringModel(optimizer="sgd", lr=0.1)
+    reference = copy.deepcopy(model)
+    loader = random_loader(n=64, batch_size=16)
+    trainer = Trainer(mode="eager", accelerator="cpu", precision=precision, max_epochs=2,
+                      enable_progress_bar=False, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    trainer.fit(model, loader)
+    assert (trainer.grad_scaler is not None) == (precision == "16-mixed")
+    opt = reference.configure_optimizers()
+    scaler = make_grad_scaler("cpu", precision)
+    for _ in range(2):
+        for x, y in loader:
+            with autocast("cpu", precision):
+                loss = reference.loss((x, y))
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
