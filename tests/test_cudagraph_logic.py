@@ -274,3 +274,20 @@ def test_builder_refuses_a_cpu_run():
     trainer = Trainer(mode="cudagraph", accelerator="cpu", enable_progress_bar=False)
     assert cg.cudagraph_blockers(trainer, {0: object()}) == [
         "CUDA graphs need a CUDA device; this run is on cpu"]
+
+
+@pytest.mark.compile
+def test_compiled_core_is_not_recompiled_after_warm_up(monkeypatch):
+    """Capture must never compile: the static arguments used at capture and replay must hit the
+    graph compiled during warm-up (one graph for one signature and no accumulation)."""
+    monkeypatch.setattr(cg, "cudagraph_blockers", lambda trainer, fused: [])
+    monkeypatch.setattr(cg, "_cuda_ready", lambda: True)
+    monkeypatch.setattr(cg, "CudaGraphBackend", lambda device: FakeBackend())
+    model = BoringModel(optimizer="adam", lr=0.01)
+    reference = copy.deepcopy(model)
+    loader = random_loader(n=64, batch_size=16)
+    trainer, _ = run("cudagraph", model, loader, max_epochs=2)
+    run("eager", reference, loader, max_epochs=2)
+    step = trainer.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step
+    assert step.captured_graphs == 1 and step.graph_count == 1
+    assert_close_params(model, reference, atol=1e-5)

@@ -111,6 +111,7 @@ def test_fused_step_through_the_triton_switch_matches_torch(algorithm, opt_name)
 
 
 @needs_triton
+@pytest.mark.compile
 def test_compiled_fused_step_with_triton_ops_matches_torch():
     """The custom ops (with flat views of the parameters) traced inside one fullgraph compile."""
     ref, _, ref_losses = run_fused(False, 0.3)
@@ -238,3 +239,28 @@ def test_eager_trainer_uses_autocast_and_grad_scaler(precision):
             opt.zero_grad()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_compiled_mixed_precision_step_matches_uncompiled(precision):
+    """autocast and the device loss scale traced inside the one fullgraph compiled function."""
+    def run(compile):
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, foreach=False)
+        names = [n for n, _ in model.named_parameters()]
+        fused, _ = build_fused_step(loss_fn_for(model), model, names, opt, compile=compile, precision=precision)
+        data = batches(5)
+        if precision == "16-mixed":
+            data[2][0][0, 0] = float("inf")  # an overflow at step 2, skipped on the device
+        losses = torch.stack([fused(x, y)[0] for x, y in data])
+        return model, fused, losses
+
+    ref, _, ref_losses = run(False)
+    model, fused, losses = run(True)
+    assert fused.graph_count == 1
+    if precision == "16-mixed":
+        assert float(fused.scaler.scale) == 2.0 ** 15  # backed off once, on the device
+    torch.testing.assert_close(losses.float(), ref_losses.float(), rtol=1e-2, atol=1e-2, equal_nan=True)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
