@@ -79,5 +79,7 @@ class DeviceCopier:
     def before_next_fetch(self) -> None:
         """Wait until the last copy out of a loader-owned pinned buffer has run."""
         event, self._host_reuse_event = self._host_reuse_event, None
-        if event is not None:
-            event.synchronize()  # host sync on a copy issued one batch ago; only for reused pinned buffers
+        if event is not None and not event.query():  # query() does not block
+            # Host sync on the copy stream only (not on compute), for loader-reused pinned
+            # buffers whose copy, issued one batch ago, has not run yet; normally skipped.
+            event.synchronize()

@@ -45,8 +45,27 @@ what a CUDA graph needs. This module wraps the *compiled* function in
   step serves); a compile failure during warm-up falls back to eager as in the compiled
   step. A batch that cannot be keyed (unhashable non-tensor leaves) runs compiled.
 
+* **Mixed precision.** ``bf16-mixed``: the forward inside the graph runs under bf16 autocast
+  (``cache_enabled=False``). ``16-mixed``: the fused step scales the loss by a device
+  tensor, unscales the gradients, finds inf/nan with tensor ops and undoes the update with
+  ``torch.where`` where one was found, then grows or backs off the scale in place
+  (``precision.DeviceLossScaler``, ``torch.amp.GradScaler``'s rule); no host sync, so it is
+  captured like the fp32 step. The eager step uses ``torch.amp.GradScaler`` (the reference).
+* **Triton kernels.** ``CompileConfig(triton_kernels=True)`` makes the fused step (and so
+  the captured graph) apply the optimizer update with ``torch.ops.fastloop.fused_adam`` /
+  ``fused_sgd`` and clip with ``torch.ops.fastloop.clip_grads``; off by default, and
+  ignored (reason in ``FusedStep.triton_reason``) where triton cannot run.
+* **Input copies.** On CUDA the fit loop's ``DataFetcher`` copies the next batch to the
+  device on a side stream while the current step runs (``data/device_copy.py``); the copy
+  into the static buffers is then a device-to-device copy on the compute stream.
+
 The CUDA calls live in :class:`CudaGraphBackend`; :class:`CudaGraphTrainStep` takes the
-backend as an argument, so the host logic runs on CPU in the tests with a fake one.
+backend as an argument, so the host logic runs on CPU in the tests with a fake one
+(``tests/test_cudagraph_logic.py``); ``tests/test_gpu_cudagraph.py`` runs it for real.
+
+Host-device synchronisation: none per step. Once per captured graph (``torch.cuda.graph``
+synchronises before capture), once when SGD momentum buffers are created or reloaded (a
+small flag copy), and in ``DeviceLossScaler.state_dict`` (checkpointing).
 
 Unverified without a GPU (this module was written on a CPU-only machine)
 ------------------------------------------------------------------------
@@ -61,6 +80,11 @@ Unverified without a GPU (this module was written on a CPU-only machine)
   CPU autocast), and the fp16 skip/scale parity with ``torch.amp.GradScaler``.
 * The side-stream warm-up, ``record_stream`` bookkeeping and ``thread_local`` capture mode
   together with the C++ prefetch thread.
+* The ``DeviceCopier`` (pinned source, side stream, event wait, ``record_stream``).
+* Memory: graphs share one pool; the fp16 skip clones the parameters and optimizer state
+  inside the graph (inductor should fuse the clone into the ``where``; not measured).
+* The loss scale of the fused fp16 step is not saved in checkpoints (a resumed run starts
+  from 2**16 again, as a fresh ``GradScaler`` would).
 * Speed: nothing here was timed.
 """
 from __future__ import annotations
@@ -144,10 +168,6 @@ class CudaGraphTrainStep(CompiledTrainStep):
         self._graphs: Dict[Any, Tuple[CapturedGraph, Any]] = {}  # key -> (graph, persistent key)
         self._static: Dict[Any, StaticBatch] = {}  # batch signature -> buffers
         self._flags: Dict[int, Tensor] = {}  # optimizer index -> static new-window flag
-
-    @property
-    def graph_count(self) -> int:  # compiled graphs, as in the base class
-        return super().graph_count
 
     @property
     def captured_graphs(self) -> int:
