@@ -94,7 +94,7 @@ def test_smaller_last_batch_captures_a_second_graph_and_no_more():
     assert_params_close(model, reference)
 
 
-def test_a_third_shape_runs_compiled_with_a_warning():
+def test_a_shape_past_the_bound_runs_compiled_with_a_warning():
     model = MomentumModel(optimizer="sgd", lr=0.05)
     loader = random_loader(n=70, batch_size=16)
     with pytest.warns(RuntimeWarning, match="max_graphs_per_step=1"):
