@@ -82,7 +82,10 @@ class CompileConfig:
     """Options of the compiled and CUDA-graph steps."""
 
     max_graphs_per_step: int = 4  # distinct input shapes captured before falling back (cudagraph)
-    cudagraph_warmup_steps: int = 3
+    cudagraph_warmup_steps: int = 3  # real steps per captured graph before capture (at least 1 runs)
+    # Fused Triton kernels for the optimizer update and gradient clipping inside the fused step
+    # (when triton can run: CUDA, or TRITON_INTERPRET=1). Off: the pure-torch update (default).
+    triton_kernels: bool = False
     # Inductor options applied while compiling, e.g. {"fallback_random": True} for dropout
     # masks identical to eager (slower; used by the parity tests).
     inductor_config: Optional[Dict[str, Any]] = None

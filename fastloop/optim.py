@@ -182,7 +182,18 @@ class LoopOptimizer:
             trainer._after_closure(self._optimizer, self._optimizer_idx)
             return result
 
-        output = self._optimizer.step(closure=closure_then_hooks, **kwargs)
+        scaler = getattr(trainer, "grad_scaler", None)
+        module = getattr(trainer, "module", None)
+        if scaler is not None and module is not None and module.automatic_optimization:
+            # GradScaler takes no closure: run it, unscale, hooks and clipping, then step
+            # (skipped on inf/nan; GradScaler reads found_inf on the host: eager path only).
+            output = closure() if closure is not None else None
+            scaler.unscale_(self._optimizer)
+            trainer._after_closure(self._optimizer, self._optimizer_idx)
+            scaler.step(self._optimizer, **kwargs)
+            scaler.update()
+        else:
+            output = self._optimizer.step(closure=closure_then_hooks, **kwargs)
         self.on_after_step()
         return output
 

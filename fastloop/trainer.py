@@ -21,6 +21,7 @@ from fastloop.config import (
     CompileConfig, Limits, OptimizationConfig, RunConfig, ValidationSchedule, resolve_mode,
 )
 from fastloop.data.connector import DataConnector, StageData, device_of
+from fastloop.step.precision import make_grad_scaler
 from fastloop.datamodule import DataModule
 from fastloop.hooks import HookDispatcher
 from fastloop.loops import EvaluationLoop, FitLoop, Loop, PredictionLoop, TrainingEpochLoop
@@ -88,6 +89,9 @@ class Trainer:
         )
         self.mode = resolve_mode(mode)
         self.device = device_of(accelerator)
+        # fp16 ("16-mixed") on the eager path: torch's GradScaler (the fused step keeps its own
+        # scale on the device, see fastloop.step.precision).
+        self.grad_scaler = make_grad_scaler(self.device.type, self.config.precision)
         self.callbacks: List[Callback] = list(callbacks or [])
         if enable_progress_bar:
             from fastloop.callbacks.progress import ProgressBar

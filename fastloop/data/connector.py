@@ -61,6 +61,7 @@ class DataConnector:
         self.datamodule: Optional[DataModule] = None
         self._cache: Dict[str, StageData] = {}
         self._transfer_needed = True
+        self._copier: Any = None
 
     def attach(self, datamodule: Optional[DataModule] = None, **explicit: Any) -> None:
         self.datamodule = datamodule
@@ -71,6 +72,25 @@ class DataConnector:
         self._transfer_needed = self._trainer.device.type != "cpu" or any(
             is_overridden(h, module, Module) for h in hooks
         )
+
+    def device_copier(self) -> Any:
+        """A ``DeviceCopier`` that prefetches training batches to the GPU on a side stream, or None.
+
+        None on CPU, and when the module overrides a batch-transfer hook: those hooks must
+        see the batch on the host, in the loop's order.
+        """
+        device = self._trainer.device
+        if device.type != "cuda":
+            return None
+        module = self._trainer.module
+        hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+        if any(is_overridden(h, module, Module) for h in hooks):
+            return None
+        if self._copier is None:
+            from fastloop.data.device_copy import DeviceCopier
+
+            self._copier = DeviceCopier(device)
+        return self._copier
 
     def clear_cache(self) -> None:
         self._cache = {}

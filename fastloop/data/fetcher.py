@@ -2,6 +2,11 @@
 
 Knowing the last batch in advance matters for loaders without ``len()``: end-of-epoch work
 (the final accumulation step, end-of-epoch validation and schedulers) happens on that batch.
+
+With a ``copier`` (``DeviceCopier``, CUDA only) the batch in hand is already being copied to
+the device on a side stream while the loop works on the current one; ``next()`` hands out
+the current batch after making the compute stream wait for its copy. Without one (CPU, or
+user transfer hooks) batches pass through untouched.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ _END = object()
 class DataFetcher(Iterator[Any]):
     """Iterates ``iterable`` for at most ``limit`` batches, keeping one batch in hand."""
 
-    def __init__(self, iterable: Iterable[Any], limit: Union[int, float] = math.inf) -> None:
+    def __init__(self, iterable: Iterable[Any], limit: Union[int, float] = math.inf, copier: Any = None) -> None:
         self.iterable = iterable
+        self.copier = copier
         self.limit = limit
         self.fetched = 0
         self.done = False
@@ -32,20 +38,24 @@ class DataFetcher(Iterator[Any]):
             # Fetching to discard must not shift the run's random draws (augmentations).
             with isolate_rng():
                 for _ in range(skip):
-                    if self._fetch() is _END:
+                    if self._fetch(copy=False) is _END:
                         break
         self._next = self._fetch()
         self.done = self._next is _END
         return self
 
-    def _fetch(self) -> Any:
+    def _fetch(self, copy: bool = True) -> Any:
         if self.fetched >= self.limit:
             return _END
+        if self.copier is not None:
+            self.copier.before_next_fetch()
         try:
             batch = next(self._iterator)  # type: ignore[arg-type]
         except StopIteration:
             return _END
         self.fetched += 1
+        if copy and self.copier is not None:
+            return self.copier.start(batch)  # copies run while the current batch is processed
         return batch
 
     def __iter__(self) -> "DataFetcher":
@@ -56,6 +66,8 @@ class DataFetcher(Iterator[Any]):
             raise StopIteration
         batch, self._next = self._next, self._fetch()
         self.done = self._next is _END
+        if self.copier is not None:
+            batch = self.copier.finish(batch)
         return batch
 
     def close(self) -> None:

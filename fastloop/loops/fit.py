@@ -165,7 +165,7 @@ class FitLoop(Loop):
         resuming = self.epoch_loop.restarting
         skip = self.epoch_loop.batch_progress.current.completed if resuming else 0
         loader = data.loaders[0]
-        fetcher = DataFetcher(loader, data.max_batches[0])
+        fetcher = DataFetcher(loader, data.max_batches[0], copier=trainer.data.device_copier())
         if resuming and skip and trainer._resume_loader_position(loader, skip):
             skip = 0  # the loader restored its own position
         if resuming and self._epoch_rng_state is not None:

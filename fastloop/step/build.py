@@ -62,7 +62,8 @@ def _report(loop: Any, requested: str, used: str, reasons: List[str]) -> None:
         log.info("%s runs %s: %s", type(loop).__name__, used, "; ".join(reasons))
     if reasons and requested != "auto":
         warnings.warn(
-            f"fastloop: {type(loop).__name__} runs eagerly: " + "; ".join(reasons), RuntimeWarning, stacklevel=4
+            f"fastloop: {type(loop).__name__} runs {'eagerly' if used == 'eager' else used}: " + "; ".join(reasons),
+            RuntimeWarning, stacklevel=4,
         )
 
 
@@ -142,6 +143,8 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             clip_val=trainer.gradient_clip_val or None, clip_algorithm=trainer.gradient_clip_algorithm,
             accumulate=trainer.accumulate_grad_batches, compile=True,
             inductor_config=trainer.config.compile.inductor_config,
+            precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
+            step_on_device=target_mode(trainer) == "cudagraph",
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")

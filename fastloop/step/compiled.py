@@ -129,7 +129,7 @@ class CompiledTrainStep:
         metrics.capture = self._capture
         failure: Optional[Exception] = None
         try:
-            loss, (extra, log_values) = fused(batch, step=stepping)
+            loss, (extra, log_values) = self._run_fused(opt_idx, fused, batch, stepping)
         except Exception as exc:  # compile failures surface here, before any update ran
             failure = exc
         finally:
@@ -150,6 +150,10 @@ class CompiledTrainStep:
         if stepping:
             progress.step.increment_completed()
         return StepOutput(closure_loss, extra)
+
+    def _run_fused(self, opt_idx: int, fused: FusedStep, batch: Any, stepping: bool) -> Tuple[Tensor, Any]:
+        """Run the fused step of ``opt_idx`` for one micro-batch (the CUDA-graph step overrides this)."""
+        return fused(batch, step=stepping)
 
     def _fall_back(self, exc: Exception, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer,
                    stepping: bool) -> StepOutput:

@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from fastloop.loops.optimizer import StepOutput
+from fastloop.step.precision import autocast
 
 if TYPE_CHECKING:
     from fastloop.loops.optimizer import OptimizerLoop
@@ -38,8 +39,13 @@ class EagerTrainStep:
         window_start = batch_idx % accumulate == 0
         results: List[StepOutput] = []
 
+        precision = trainer.config.precision
+        scaler = trainer.grad_scaler if module.automatic_optimization else None
+
         def closure() -> Optional[torch.Tensor]:
-            result = StepOutput.from_training_step_output(step_fn(), accumulate)
+            with autocast(trainer.device.type, precision):
+                output = step_fn()
+            result = StepOutput.from_training_step_output(output, accumulate)
             results.append(result)
             if result.closure_loss is None:
                 self._warn_none()
@@ -50,7 +56,8 @@ class EagerTrainStep:
                 trainer.hooks.call_module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer, opt_idx)
                 progress.zero_grad.increment_completed()
             if result.closure_loss is not None:
-                trainer._run_backward(result.closure_loss, optimizer, opt_idx, **loop.backward_kwargs(opt_idx))
+                loss = scaler.scale(result.closure_loss) if scaler is not None else result.closure_loss
+                trainer._run_backward(loss, optimizer, opt_idx, **loop.backward_kwargs(opt_idx))
             return result.loss
 
         toggle = loop.toggle_parameters

@@ -42,11 +42,12 @@ __all__ = ["FunctionalOptimizer", "make_functional_optimizer"]
 # per parameter), computed on the host from param_groups and the step count.
 _SGD_COLS = ("lr", "momentum", "one_minus_dampening", "weight_decay")
 _ADAM_COLS = ("step_size", "bias_correction2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2",
-              "eps", "weight_decay", "decay_factor")
+              "eps", "weight_decay", "decay_factor", "lr", "beta1")
 
 
 def make_functional_optimizer(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *, step_on_device: bool = False,
+    use_triton: bool = False,
 ) -> tuple[Optional["FunctionalOptimizer"], Optional[str]]:
     """Wrap ``optimizer`` so that its update for ``params`` can be traced.
 
@@ -58,11 +59,45 @@ def make_functional_optimizer(
     it will pass their gradients; each must belong to one of the optimizer's
     param groups. Optimizer parameters not listed are left alone (as eager
     ``step()`` leaves parameters whose ``.grad`` is ``None``).
+
+    ``step_on_device``: keep Adam's ``state["step"]`` on the parameters' device
+    (float32, as torch's capturable Adam does) instead of torch's CPU default. A
+    CUDA graph cannot read or update a CPU tensor, so the CUDA-graph step needs
+    this. Checkpoints stay loadable everywhere: a device ``step`` is accepted by
+    eager ``torch.optim.Adam`` (it reads it with ``.item()``) and by this class
+    in the other modes, and a CPU ``step`` loaded later is moved at the next
+    :meth:`FunctionalOptimizer.prepare`.
+
+    ``use_triton``: apply the update with ``torch.ops.fastloop.fused_adam`` /
+    ``fused_sgd`` (one Triton launch per parameter) instead of tensor ops.
+    Needs ``fastloop.kernels.triton_available()``, contiguous parameters and
+    ``step_on_device`` semantics for Adam (the kernel reads the step on the
+    parameter's device); when they are missing, the pure-torch update is used and
+    :attr:`FunctionalOptimizer.triton_reason` says why.
     """
     reason = _unsupported_reason(optimizer, params)
     if reason is not None:
         return None, reason
-    return FunctionalOptimizer(optimizer, params), None
+    return FunctionalOptimizer(optimizer, params, step_on_device=step_on_device, use_triton=use_triton), None
+
+
+def triton_update_blocker(params: Sequence[Tensor]) -> str:
+    """Why the Triton update kernels cannot serve ``params`` ('' when they can)."""
+    from fastloop import kernels
+
+    reason = kernels.unavailable_reason()
+    if reason:
+        return reason
+    from fastloop.kernels import ops
+
+    if not ops.REGISTERED:
+        return "this torch has no torch.library.custom_op/triton_op to register the kernels"
+    for p in params:
+        if not p.is_contiguous():
+            return "a parameter is not contiguous (the kernels take flat buffers)"
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the kernels do not handle {p.dtype} parameters"
+    return ""
 
 
 def _unsupported_reason(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Optional[str]:
@@ -127,8 +162,10 @@ class FunctionalOptimizer:
     ``optimizer.load_state_dict`` at any time is honoured.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], *,
+                 step_on_device: bool = False, use_triton: bool = False) -> None:
         self.optimizer = optimizer
+        self.step_on_device = step_on_device
         self.kind = "SGD" if isinstance(optimizer, torch.optim.SGD) else "Adam"
         self.columns = _SGD_COLS if self.kind == "SGD" else _ADAM_COLS
         self.params = list(params)
@@ -153,6 +190,12 @@ class FunctionalOptimizer:
         # step is a value, not a separate graph.
         self._fresh_pattern: Optional[tuple[bool, ...]] = None
         self.fresh_buf = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
+        self.triton_reason = triton_update_blocker(self.params) if use_triton else "not requested"
+        self.use_triton = use_triton and not self.triton_reason
+        if self.use_triton and self.kind == "Adam":
+            self.step_on_device = True  # the kernel reads the step next to the parameter
+        # Host mirror of each Adam step count, so a device step is not read back every step.
+        self._host_steps: dict[int, tuple[Tensor, float]] = {}
 
     # ------------------------------------------------------------------ host side
     def _structure(self, group: dict) -> dict[str, bool]:
@@ -204,7 +247,7 @@ class FunctionalOptimizer:
         bias_correction2 = 1 - beta2**step
         wd = group["weight_decay"]
         return [lr / bias_correction1, bias_correction2**0.5, 1 - beta1, beta2, 1 - beta2,
-                group["eps"], wd, 1 - lr * wd]
+                group["eps"], wd, 1 - lr * wd, lr, beta1]
 
     def _init_state(self, p: Tensor, state: dict, s: dict[str, bool]) -> bool:
         """Create missing state the way torch's ``_init_group`` does.
@@ -213,8 +256,10 @@ class FunctionalOptimizer:
         """
         if self.kind == "Adam":
             if len(state) == 0:
-                # torch keeps a non-capturable step as a CPU float32 scalar tensor.
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # torch keeps a non-capturable step as a CPU float32 scalar tensor;
+                # a captured (or Triton) update needs it on the device.
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=p.device if self.step_on_device else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if s["amsgrad"]:
@@ -244,13 +289,14 @@ class FunctionalOptimizer:
             s = self.structure[gi]
             st = states[p]
             fresh.append(self._init_state(p, st, s))
+            if self.kind == "Adam" and self.step_on_device and st["step"].device != p.device:
+                # After load_state_dict of a CPU step: moved once (a tiny H2D copy), not per step.
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
             if self.kind == "Adam":
                 entry = [st["step"], st["exp_avg"], st["exp_avg_sq"]]
                 if s["amsgrad"]:
                     entry.append(st["max_exp_avg_sq"])
-                # The step tensor is on the CPU (torch's non-capturable layout):
-                # reading it is not a device sync. +1: the graph increments it.
-                step = float(st["step"]) + 1
+                step = self._next_host_step(i, st["step"])
                 row = row_cache.get((gi, step))
                 if row is None:
                     row = row_cache[(gi, step)] = self._adam_row(groups[gi], step)
@@ -277,6 +323,22 @@ class FunctionalOptimizer:
             self._fresh_pattern = pattern
         return per_param, scalars, self.fresh_buf
 
+    def _next_host_step(self, i: int, step_tensor: Tensor) -> float:
+        """The step count this update will reach (+1: the graph increments the tensor).
+
+        A CPU step (torch's non-capturable layout) is read directly: no device sync. A device
+        step is read once per state tensor (after a load), then mirrored on the host.
+        """
+        if step_tensor.device.type == "cpu":
+            return float(step_tensor) + 1
+        cached = self._host_steps.get(i)
+        if cached is None or cached[0] is not step_tensor:
+            value = float(step_tensor)  # host sync: once after (re)loading optimizer state
+        else:
+            value = cached[1]
+        self._host_steps[i] = (step_tensor, value + 1)
+        return value + 1
+
     def finish(self) -> None:
         """Host bookkeeping after an update ran (keeps LR schedulers from warning)."""
         self.optimizer._opt_called = True  # what the scheduler's step wrapper records
@@ -292,10 +354,30 @@ class FunctionalOptimizer:
             # the parameter dtype for fp32/fp64, float32 for fp16/bf16.
             opmath = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
             h = dict(zip(self.columns, scalars[i].to(opmath).unbind()))
-            if self.kind == "SGD":
+            if self.use_triton:
+                self._triton_one(p, g, per_param[i], h, s, fresh_buf[i])
+            elif self.kind == "SGD":
                 self._sgd_one(p, g, per_param[i], h, s, fresh_buf[i])
             else:
                 self._adam_one(p, g, per_param[i], h, s)
+
+    def _triton_one(self, p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:
+        """One parameter through the fused Triton kernel (flat views; the op mutates them)."""
+        ops = torch.ops.fastloop
+        flat = p.view(-1)
+        grad = g.reshape(-1).contiguous()
+        if self.kind == "Adam":
+            max_sq = state[3].view(-1) if s["amsgrad"] else None
+            ops.fused_adam(flat, grad, state[1].view(-1), state[2].view(-1), max_sq, state[0],
+                           h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+                           s["decoupled_weight_decay"], s["amsgrad"], s["maximize"])
+            return
+        buf = state[0].view(-1) if s["momentum_nonzero"] else None
+        # torch.optim.SGD keeps no step; the kernel marks the first update by step == 1
+        # (it adds 1 before reading), so feed it 0 for a fresh buffer, 1 otherwise.
+        step_t = (~fresh).to(torch.float32)
+        ops.fused_sgd(flat, grad, buf, step_t, h["lr"], h["momentum"], 1 - h["one_minus_dampening"],
+                      h["weight_decay"], s["nesterov"], s["maximize"])
 
     @staticmethod
     def _sgd_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:

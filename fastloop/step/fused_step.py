@@ -46,7 +46,8 @@ from torch.utils._pytree import tree_map
 
 from ._compile import CountingBackend, compile_fullgraph
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
-from .grad_clip import clip_grads
+from .grad_clip import clip_grads, clip_grads_triton
+from .precision import DeviceLossScaler, autocast
 
 __all__ = ["FusedStep", "build_fused_step", "LossFn"]
 
@@ -65,6 +66,9 @@ def build_fused_step(
     accumulate: int = 1,
     compile: bool = True,
     inductor_config: Optional[dict[str, Any]] = None,
+    precision: str = "32",
+    triton_kernels: bool = False,
+    step_on_device: bool = False,
 ) -> tuple[Optional["FusedStep"], Optional[str]]:
     """Build the fused step for one optimizer.
 
@@ -86,6 +90,15 @@ def build_fused_step(
         compile: False runs the same functional code eagerly (debugging, fast tests).
         inductor_config: inductor options applied while compiling (e.g.
             ``{"fallback_random": True}`` for eager-identical dropout masks).
+        precision: ``"32"``, ``"bf16-mixed"`` (forward under bf16 autocast) or
+            ``"16-mixed"`` (fp16 autocast plus a device-side loss scale whose
+            overflow check skips the update with ``torch.where``; see ``precision``).
+        triton_kernels: use the fused Triton kernels for the optimizer update and
+            for gradient clipping when ``fastloop.kernels.triton_available()``;
+            otherwise (and by default) the pure-torch code runs.
+            ``FusedStep.triton_reason`` says why they are not used.
+        step_on_device: keep Adam's step count on the parameters' device (needed
+            by CUDA-graph capture; see ``make_functional_optimizer``).
 
     Returns:
         ``(FusedStep, None)``, or ``(None, reason)`` when this optimizer or
@@ -103,11 +116,15 @@ def build_fused_step(
     if len(set(trainable)) != len(trainable):
         return None, "trainable names contain duplicates"
     params = [named[n] for n in trainable]
-    fopt, reason = make_functional_optimizer(optimizer, params)
+    if precision not in ("32", "bf16-mixed", "16-mixed"):
+        return None, f"precision {precision!r} is not '32', 'bf16-mixed' or '16-mixed'"
+    fopt, reason = make_functional_optimizer(optimizer, params, step_on_device=step_on_device,
+                                             use_triton=triton_kernels)
     if fopt is None:
         return None, reason
     return FusedStep(loss_fn, module, list(trainable), fopt, clip_val, clip_algorithm,
-                     accumulate, compile, inductor_config), None
+                     accumulate, compile, inductor_config, precision=precision,
+                     triton_clip=triton_kernels and fopt.use_triton), None
 
 
 def _detach(tree: Any) -> Any:
@@ -121,31 +138,63 @@ def _make_core(
     clip_val: Optional[float],
     clip_algorithm: str,
     do_update: bool,
+    device_type: str = "cpu",
+    precision: str = "32",
+    triton_clip: bool = False,
+    scaler: Optional[DeviceLossScaler] = None,
 ) -> Callable:
-    """The pure function that is compiled: all state comes in as arguments."""
+    """The pure function that is compiled: all state comes in as arguments.
 
-    def objective(train, frozen, buffers, batch):
+    ``scaler_state`` is ``()`` or ``(scale, growth_tracker)`` of a ``DeviceLossScaler``
+    (fp16): the loss is multiplied by ``scale`` before differentiation, gradients are kept
+    scaled while accumulating (as ``GradScaler`` leaves ``.grad``), and the stepping call
+    unscales them, skips the whole update (parameters and optimizer state) where a
+    gradient is inf/nan, and updates the scale, all with tensor ops.
+    """
+
+    def objective(train, frozen, buffers, batch, scale):
         # Buffers are an argument of the transformed function: BatchNorm's
         # in-place running-stat update on a captured tensor would be rejected.
-        loss, aux = loss_fn({**frozen, **train}, buffers, *batch)
+        with autocast(device_type, precision):
+            loss, aux = loss_fn({**frozen, **train}, buffers, *batch)
         scaled = loss / accumulate if accumulate > 1 else loss
+        if scale is not None:
+            scaled = scaled.float() * scale
         return scaled, (loss.detach(), _detach(aux))
 
-    def fused_step(train, frozen, buffers, grads, opt_inputs, new_window, batch):
+    def fused_step(train, frozen, buffers, grads, opt_inputs, new_window, scaler_state, batch):
+        scale = scaler_state[0] if scaler_state else None
         new, (_, (loss, aux)) = torch.func.grad_and_value(objective, has_aux=True)(
-            train, frozen, buffers, batch
+            train, frozen, buffers, batch, scale
         )
         with torch.no_grad():
             total = list(new.values())  # same order as `train` and `grads`
             if accumulate > 1:
                 # Zero at the start of a window without a data-dependent branch.
                 total = [torch.where(new_window, t, g + t) for g, t in zip(grads, total)]
+            found = None
+            if do_update and scale is not None:
+                total, found = DeviceLossScaler.unscale(total, scale)
             if do_update and clip_val is not None:
-                total = clip_grads(total, clip_val, clip_algorithm)
+                if triton_clip:
+                    total, _ = clip_grads_triton(total, clip_val, clip_algorithm)
+                else:
+                    total = clip_grads(total, clip_val, clip_algorithm)
             for g, t in zip(grads, total):
                 g.copy_(t)
             if do_update:
-                fopt.update(list(train.values()), grads, opt_inputs)
+                params = list(train.values())
+                if found is None:
+                    fopt.update(params, grads, opt_inputs)
+                else:
+                    # Skip on overflow without a branch: update, then put the old values
+                    # back where found_inf (inductor fuses this; no host sync).
+                    touched = params + [t for entry in opt_inputs[0] for t in entry]
+                    before = [t.clone() for t in touched]
+                    fopt.update(params, grads, opt_inputs)
+                    for t, old in zip(touched, before):
+                        t.copy_(torch.where(found, old, t))
+                    scaler.update(scaler_state[0], scaler_state[1], found)
         return loss, aux
 
     return fused_step
@@ -175,8 +224,11 @@ class FusedStep:
         accumulate: int,
         compile: bool,
         inductor_config: Optional[dict[str, Any]] = None,
+        precision: str = "32",
+        triton_clip: bool = False,
     ) -> None:
         self.module = module
+        self.precision = precision
         self.optimizer = fopt.optimizer
         self.functional_optimizer = fopt
         self.accumulate = accumulate
@@ -197,7 +249,12 @@ class FusedStep:
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._fns: dict[bool, Callable] = {}
+        self.scaler = DeviceLossScaler(device) if precision == "16-mixed" else None
+        self._scaler_state = self.scaler.tensors() if self.scaler is not None else ()
+        self.triton_reason = fopt.triton_reason
         self._core_args = (loss_fn, fopt, accumulate, clip_val, clip_algorithm)
+        self._core_kwargs = dict(device_type=device.type, precision=precision, triton_clip=triton_clip,
+                                 scaler=self.scaler)
 
     @property
     def graph_count(self) -> int:
@@ -206,7 +263,7 @@ class FusedStep:
     def _fn(self, do_update: bool) -> Callable:
         fn = self._fns.get(do_update)
         if fn is None:
-            fn = _make_core(*self._core_args, do_update=do_update)
+            fn = _make_core(*self._core_args, do_update=do_update, **self._core_kwargs)
             if self.compiled:
                 fn = compile_fullgraph(fn, self._backend)
             self._fns[do_update] = fn
@@ -224,20 +281,38 @@ class FusedStep:
         """Start a new accumulation window at the next call (gradients restart from zero)."""
         self._new_window = True
 
-    def __call__(self, *batch: Any, step: bool = True) -> tuple[Tensor, Any]:
-        """Run one micro-batch; ``step=True`` also clips and updates the parameters."""
+    def call_args(self, batch: tuple, step: bool) -> tuple:
+        """Host side of one call: the arguments of ``self._fn(step)``, in order.
+
+        Everything but the last two (the new-window flag and the batch) is a persistent
+        tensor that is the same object from call to call (what a CUDA graph needs).
+        """
         if not step and self.accumulate == 1:
             raise ValueError("step=False (accumulate only) needs accumulate > 1")
-        fn = self._fn(step)
         opt_inputs = self.functional_optimizer.prepare() if step else ()
         flag = self._true if self._new_window else self._false
-        graphs_before = self._backend.graphs
-        start = time.perf_counter()
-        with torch.no_grad():
-            loss, aux = fn(self._train, self._frozen, self._buffers, self._grads(), opt_inputs, flag, batch)
-        if self._backend.graphs != graphs_before:
-            self.compile_seconds += time.perf_counter() - start
+        return (self._train, self._frozen, self._buffers, self._grads(), opt_inputs, self._scaler_state, flag, batch)
+
+    def after_call(self, step: bool) -> None:
+        """Host bookkeeping once the call (or a graph replay) was issued."""
         if step:
             self.functional_optimizer.finish()
         self._new_window = step
+
+    def run(self, fn: Callable, args: tuple) -> tuple[Tensor, Any]:
+        """Call ``fn`` (the compiled core or anything with its signature) on ``args``."""
+        train, frozen, buffers, grads, opt_inputs, scaler_state, flag, batch = args
+        graphs_before = self._backend.graphs
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = fn(train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+        if self._backend.graphs != graphs_before:
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
+    def __call__(self, *batch: Any, step: bool = True) -> tuple[Tensor, Any]:
+        """Run one micro-batch; ``step=True`` also clips and updates the parameters."""
+        args = self.call_args(batch, step)
+        loss, aux = self.run(self._fn(step), args)
+        self.after_call(step)
         return loss, aux
