@@ -156,6 +156,8 @@ class LoopOptimizer:
         self._optimizer = optimizer
         self._optimizer_idx = optimizer_idx
         self._trainer = trainer
+        cls = type(optimizer)
+        self._closure_runs_first = cls.__module__.startswith("torch.optim") and cls is not torch.optim.LBFGS
         # Set by the loop that owns step counting (manual optimization counts here).
         self.on_before_step: Callable[[], None] = _noop
         self.on_after_step: Callable[[], None] = _noop
@@ -192,7 +194,12 @@ class LoopOptimizer:
             trainer._after_closure(self._optimizer, self._optimizer_idx)
             scaler.step(self._optimizer, **kwargs)
             scaler.update()
-        else:
+        elif self._closure_runs_first:
+            # Built-in torch optimizers call the closure once, first: do that directly and
+            # spare the per-step closure plumbing (same order, same results).
+            output = closure_then_hooks()
+            self._optimizer.step(**kwargs)
+        else:  # LBFGS and user optimizers decide when (and how often) to call the closure
             output = self._optimizer.step(closure=closure_then_hooks, **kwargs)
         self.on_after_step()
         return output

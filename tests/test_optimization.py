@@ -323,3 +323,23 @@ def test_fastloop_mode_environment_variable_overrides_the_argument(monkeypatch):
     monkeypatch.setenv("FASTLOOP_MODE", "fast")
     with pytest.raises(ValueError, match="FASTLOOP_MODE must be one of"):
         Trainer()
+
+
+def test_lbfgs_gets_the_closure_and_matches_a_raw_loop():
+    class LBFGSModel(BoringModel):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3)
+
+    model = LBFGSModel()
+    reference = copy.deepcopy(model)
+    loader = random_loader(n=32, batch_size=16)
+    trainer(max_epochs=1).fit(model, loader)
+    opt = reference.configure_optimizers()
+    for batch in loader:
+        def closure():
+            loss = reference.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert_same_params(model, reference)
