@@ -39,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def threaded_gather(monkeypatch):
+    """Make every native TensorLoader use its C++ worker thread, however small its batches."""
+    from fastloop.data import tensor_loader
+
+    monkeypatch.setattr(tensor_loader, "INLINE_BATCH_BYTES", 0)

@@ -9,6 +9,9 @@ import torch
 
 from fastloop import _ext
 
+# Most tests use small rows; exercise the C++ worker thread unless a test says otherwise.
+pytestmark = pytest.mark.usefixtures("threaded_gather")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

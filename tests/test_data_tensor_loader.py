@@ -11,6 +11,9 @@ from fastloop import _ext
 from fastloop.data import TensorLoader
 from fastloop.data._order import epoch_order
 
+# Most tests use small rows; exercise the C++ worker thread unless a test says otherwise.
+pytestmark = pytest.mark.usefixtures("threaded_gather")
+
 BACKENDS = ["native", "python"]
 
 

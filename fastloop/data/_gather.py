@@ -6,6 +6,8 @@ byte-identical batches.
 
 - :class:`NativeGatherer`: a C++ thread (``fastloop._C``) does the copies with the GIL released
   while the consumer works on earlier batches.
+- :class:`InlineNativeGatherer`: the same C++ row copy, run in the caller at ``wait()``; for
+  small batches, where handing a few kilobytes to a thread costs more than copying them.
 - :class:`PythonGatherer`: thread-free; ``wait()`` runs ``torch.index_select`` in the caller.
 """
 from __future__ import annotations
@@ -81,3 +83,29 @@ class NativeGatherer:
 
     def close(self) -> None:
         self._impl.close()
+
+
+class InlineNativeGatherer(NativeGatherer):
+    """``NativeGatherer``'s copies, done synchronously by ``fastloop._C.gather`` in ``wait()``."""
+
+    def __init__(self, sources: Sequence[torch.Tensor], depth: int, ext: ModuleType) -> None:
+        self._sources = list(sources)
+        n_rows = sources[0].shape[0]
+        self._specs = [(i, t.data_ptr(), (t.numel() // n_rows) * t.element_size(), n_rows)
+                       for i, t in enumerate(sources) if t.numel() > 0]
+        self._ext = ext
+        self._jobs: Deque[Tuple[list, int, int, tuple]] = deque()
+
+    def submit(self, outs: List[torch.Tensor], order: torch.Tensor, start: int, n: int) -> None:
+        if order.dtype != torch.int64 or not order.is_contiguous():
+            raise ValueError(f"the index tensor must be contiguous int64, got {order.dtype}")
+        copies = [(src, outs[i].data_ptr(), row_bytes, rows) for i, src, row_bytes, rows in self._specs]
+        # outs and order ride along so their memory outlives the copy
+        self._jobs.append((copies, order.data_ptr() + start * 8, n if copies else 0, (outs, order)))
+
+    def wait(self) -> None:
+        copies, idx_ptr, n, _keep_alive = self._jobs.popleft()
+        self._ext.gather(copies, idx_ptr, n)
+
+    def close(self) -> None:
+        self._jobs.clear()

@@ -1,0 +1,84 @@
+"""How long the training step waits for data, as a share of the step (one process, CPU).
+
+Runs the default bench workload (tiny MLP 32->64->10, batch 64, Adam) with fastloop eager
+on three loaders over the same in-memory data, timing every ``next()`` of the loop's data
+fetcher against the whole epoch. Run: ``python benchmarks/data_wait.py``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastloop import Callback, Module, Trainer
+from fastloop.data import TensorLoader
+from fastloop.data import fetcher as fetcher_module
+
+
+class TinyMLP(Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class EpochTimer(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def measure(loader, epochs: int = 3) -> float:
+    """Share of the last epoch spent waiting in the fetcher's ``next()``."""
+    waited = [0.0]
+    original = fetcher_module.DataFetcher.__next__
+
+    def timed_next(self):
+        start = time.perf_counter()
+        try:
+            return original(self)
+        finally:
+            waited[0] += time.perf_counter() - start
+
+    timer = EpochTimer()
+    fetcher_module.DataFetcher.__next__ = timed_next
+    try:
+        trainer = Trainer(max_epochs=epochs, mode="eager", enable_progress_bar=False, callbacks=[timer])
+
+        class LastEpoch(Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                waited[0] = 0.0
+
+        trainer.callbacks.append(LastEpoch())
+        trainer.fit(TinyMLP(), loader)
+    finally:
+        fetcher_module.DataFetcher.__next__ = original
+    return waited[0] / timer.seconds
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16384, 32, generator=g), torch.randint(0, 10, (16384,), generator=g)
+    loaders = {
+        "TensorLoader (native)": lambda: TensorLoader(x, y, batch_size=64, shuffle=True, seed=0),
+        "TensorLoader (python)": lambda: TensorLoader(x, y, batch_size=64, shuffle=True, seed=0, backend="python"),
+        "DataLoader(TensorDataset)": lambda: DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
+    }
+    for name, make in loaders.items():
+        shares = [measure(make()) for _ in range(3)]
+        print(f"{name:28s} data wait: {100 * statistics.median(shares):5.2f} % of the step (median of 3)")
+
+
+if __name__ == "__main__":
+    main()
