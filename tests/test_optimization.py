@@ -20,17 +20,39 @@ def trainer(**kwargs):
     return Trainer(**kwargs)
 
 
+class ObserveZeroGrad(Callback):
+    """Overriding any step hook selects the generic eager step (closure + hook dispatch)."""
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        pass
+
+
+@pytest.fixture(params=["direct", "generic"])
+def step_path(request):
+    """Callbacks selecting the direct eager step or the generic one; both must give the same."""
+    return [] if request.param == "direct" else [ObserveZeroGrad()]
+
+
+def assert_step_path(t, callbacks):
+    from fastloop.step.eager import DirectEagerStep
+
+    step = t.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step
+    assert isinstance(step, DirectEagerStep) == (not callbacks)
+
+
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_fit_equals_a_raw_pytorch_loop(optimizer):
+def test_fit_equals_a_raw_pytorch_loop(optimizer, step_path):
     model = BoringModel(optimizer=optimizer)
     reference = copy.deepcopy(model)
     loader = random_loader(n=64, batch_size=16)
-    trainer(max_epochs=2).fit(model, loader)
+    t = trainer(max_epochs=2, callbacks=step_path)
+    t.fit(model, loader)
+    assert_step_path(t, step_path)
     opt = reference.configure_optimizers()
     for _ in range(2):
         for batch in loader:
@@ -41,7 +63,7 @@ def test_fit_equals_a_raw_pytorch_loop(optimizer):
     assert_same_params(model, reference)
 
 
-def test_gradient_accumulation_steps_on_window_ends_and_last_batch():
+def test_gradient_accumulation_steps_on_window_ends_and_last_batch(step_path):
     model = BoringModel()
     reference = copy.deepcopy(model)
     loader = random_loader(n=8, batch_size=2)  # 4 batches, windows of 3: steps at batch 2 and 3
@@ -51,7 +73,7 @@ def test_gradient_accumulation_steps_on_window_ends_and_last_batch():
         def on_before_optimizer_step(self, trainer, pl_module, optimizer, opt_idx):
             steps.append(trainer.fit_loop.batch_idx)
 
-    t = trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[Steps()])
+    t = trainer(max_epochs=1, accumulate_grad_batches=3, callbacks=[Steps()] + step_path)
     t.fit(model, loader)
     assert steps == [2, 3] and t.global_step == 2
     opt = reference.configure_optimizers()
@@ -65,11 +87,13 @@ def test_gradient_accumulation_steps_on_window_ends_and_last_batch():
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
-def test_gradient_clipping_matches_torch_utils(algorithm):
+def test_gradient_clipping_matches_torch_utils(algorithm, step_path):
     model = BoringModel(lr=1.0)
     reference = copy.deepcopy(model)
     loader = random_loader(n=32, batch_size=8)
-    trainer(max_epochs=1, gradient_clip_val=0.05, gradient_clip_algorithm=algorithm).fit(model, loader)
+    t = trainer(max_epochs=1, gradient_clip_val=0.05, gradient_clip_algorithm=algorithm, callbacks=step_path)
+    t.fit(model, loader)
+    assert_step_path(t, step_path)
     opt = reference.configure_optimizers()
     for batch in loader:
         opt.zero_grad()
@@ -100,11 +124,11 @@ class TwoOptimizerModel(BoringModel):
         return opts
 
 
-def test_multiple_optimizers_run_in_order_with_other_parameters_frozen():
+def test_multiple_optimizers_run_in_order_with_other_parameters_frozen(step_path):
     model = TwoOptimizerModel()
     reference = copy.deepcopy(model)
     loader = random_loader(n=32, batch_size=8)
-    t = trainer(max_epochs=1)
+    t = trainer(max_epochs=1, callbacks=step_path)
     t.fit(model, loader)
     assert model.calls == [(b, o, True) for b in range(4) for o in (0, 1)]
     assert t.global_step == 8

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from fastloop.loops.optimizer import OptimizerLoop
-from fastloop.step.eager import EagerEvalStep, EagerTrainStep
+from fastloop.step.eager import EagerEvalStep, eager_train_step
 from fastloop.step.inspect_fn import is_generator_function, reads_argument
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,12 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     mode = target_mode(trainer)
     if mode == "eager":
         _report(loop, requested, "eager", [])
-        return EagerTrainStep(loop)
+        return eager_train_step(loop)
     reasons = train_step_blockers(loop)
     fused = ({}, {}) if reasons else _build_fused(loop, reasons)
     if reasons:
         _report(loop, requested, "eager", reasons)
-        return EagerTrainStep(loop)
+        return eager_train_step(loop)
     from fastloop.step.compiled import CompiledTrainStep
 
     fused, layouts = fused

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fastloop.loops.optimizer import StepOutput
-from fastloop.step.eager import EagerTrainStep
+from fastloop.step.eager import eager_train_step
 from fastloop.step.fused_step import FusedStep
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class CompiledTrainStep:
             report.used = "eager"
             report.reasons.append(reason)
         warnings.warn(f"fastloop: falling back to the eager step: {reason}", RuntimeWarning, stacklevel=3)
-        eager = EagerTrainStep(loop)
+        eager = eager_train_step(loop)
         loop.train_step = eager
         return eager(batch, batch_idx, opt_idx, optimizer)
 

@@ -102,3 +102,95 @@ class EagerEvalStep:
 
     def __call__(self, hook: str, *args: Any) -> Any:
         return self.loop.trainer.hooks.call_module(hook, *args)
+
+
+# Hooks that run inside an eager step. When neither the module nor a callback overrides any
+# of them, ``DirectEagerStep`` runs the same operations without the closure plumbing.
+STEP_HOOKS = (
+    "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping",
+    "on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+)
+
+
+def direct_step_blocker(loop: "OptimizerLoop") -> Optional[str]:
+    """Why ``DirectEagerStep`` cannot stand in for ``EagerTrainStep`` (None: it can)."""
+    from fastloop.loops.optimizer import OptimizerLoop
+
+    trainer = loop.trainer
+    if not trainer.module.automatic_optimization:
+        return "manual optimization"
+    for name in ("make_step_fn", "call_training_step", "backward_kwargs", "toggle_parameters"):
+        if getattr(type(loop), name) is not getattr(OptimizerLoop, name):
+            return f"{type(loop).__name__} overrides {name}"
+    for hook in STEP_HOOKS:
+        if trainer.hooks.overridden_by(hook):
+            return f"{hook} is overridden"
+    for opt in trainer.optimizers:
+        if not type(opt).__module__.startswith("torch.optim") or isinstance(opt, torch.optim.LBFGS):
+            return f"optimizer {type(opt).__name__} may call its closure other than once"
+    if trainer.config.precision != "32":
+        return "mixed precision"
+    return None
+
+
+class DirectEagerStep(EagerTrainStep):
+    """``EagerTrainStep``'s operations, counters and order without closures or hook dispatch.
+
+    Chosen once per fit when no hook inside the step is overridden and every optimizer is a
+    built-in one that calls its closure exactly once: then ``training_step``, zero_grad (first
+    batch of an accumulation window), backward, clipping and the torch step are exactly what
+    the generic path runs, minus the per-step plumbing.
+    """
+
+    def __init__(self, loop: "OptimizerLoop") -> None:
+        super().__init__(loop)
+        trainer = loop.trainer
+        self.accumulate = trainer.accumulate_grad_batches
+        self.clip_val = trainer.gradient_clip_val
+        self.clip_algorithm = trainer.gradient_clip_algorithm
+        self.several = len(trainer.optimizers) > 1
+
+    def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
+        from fastloop.optim import clip_gradients
+
+        loop = self.loop
+        trainer = loop.trainer
+        module = trainer.module
+        hooks = trainer.hooks
+        progress = loop.optim_progress.optimizer
+        stepping = not trainer.should_accumulate
+        if stepping:
+            progress.step.increment_ready()
+        if self.several:
+            module.toggle_optimizer(optimizer, opt_idx)
+        try:
+            previous, hooks.current_hook = hooks.current_hook, "training_step"
+            try:
+                output = (module.training_step(batch, batch_idx, opt_idx) if self.several
+                          else module.training_step(batch, batch_idx))
+            finally:
+                hooks.current_hook = previous
+            result = StepOutput.from_training_step_output(output, self.accumulate)
+            if result.closure_loss is None:
+                self._warn_none()
+            if batch_idx % self.accumulate == 0:
+                progress.zero_grad.increment_ready()
+                progress.zero_grad.increment_started()
+                optimizer.zero_grad()
+                progress.zero_grad.increment_completed()
+            if result.closure_loss is not None:
+                result.closure_loss.backward()
+            if stepping:
+                if self.clip_val:
+                    clip_gradients(optimizer, self.clip_val, self.clip_algorithm)
+                optimizer.step()
+                progress.step.increment_completed()
+        finally:
+            if self.several:
+                module.untoggle_optimizer(opt_idx)
+        return result
+
+
+def eager_train_step(loop: "OptimizerLoop") -> EagerTrainStep:
+    """The direct eager step where it is equivalent, else the generic one."""
+    return DirectEagerStep(loop) if direct_step_blocker(loop) is None else EagerTrainStep(loop)
