@@ -1,7 +1,7 @@
 """Small models and data for tests, examples and the benchmark (all synthetic, in memory)."""
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 from torch import nn

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from fastloop import Callback, Trainer
 from fastloop.loops import YieldLoop

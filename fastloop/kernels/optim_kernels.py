@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

@@ -18,7 +18,6 @@ Hook order of ``trainer.fit`` (callbacks before the module at every ``[hook]``):
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, List, Optional
 
 from fastloop.data.connector import set_epoch

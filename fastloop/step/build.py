@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, eager_train_step
