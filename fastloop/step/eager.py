@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from fastloop.loops.optimizer import StepOutput
+from fastloop.optim import clip_gradients
 from fastloop.step.precision import autocast
 
 if TYPE_CHECKING:
@@ -151,8 +152,6 @@ class DirectEagerStep(EagerTrainStep):
         self.several = len(trainer.optimizers) > 1
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
-        from fastloop.optim import clip_gradients
-
         loop = self.loop
         trainer = loop.trainer
         module = trainer.module
