@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from types import ModuleType
-from typing import Deque, List, Sequence, Tuple
+from typing import Any, Deque, List, Sequence, Tuple
 
 import torch
 
@@ -68,15 +68,23 @@ class NativeGatherer:
         # (source index, src_ptr, row_bytes, rows); zero-byte rows have nothing to copy.
         self._specs = [(i, t.data_ptr(), (t.numel() // n_rows) * t.element_size(), n_rows)
                        for i, t in enumerate(sources) if t.numel() > 0]
-        self._impl = ext.Gatherer(max(depth, 1))
+        self._ext = ext
+        self._impl = self._start_worker(depth)
 
-    def submit(self, outs: List[torch.Tensor], order: torch.Tensor, start: int, n: int) -> None:
+    def _start_worker(self, depth: int) -> Any:
+        return self._ext.Gatherer(max(depth, 1))
+
+    def _job(self, outs: List[torch.Tensor], order: torch.Tensor, start: int, n: int) -> Tuple[list, int, int]:
+        """The raw-pointer description of one batch: ``(copies, idx_ptr, rows_to_copy)``."""
         if order.dtype != torch.int64 or not order.is_contiguous():
             raise ValueError(f"the index tensor must be contiguous int64, got {order.dtype}")
         copies = [(src, outs[i].data_ptr(), row_bytes, rows)
                   for i, src, row_bytes, rows in self._specs]
         idx_ptr = order.data_ptr() + start * 8  # int64 indices
-        self._impl.submit(copies, idx_ptr, n if copies else 0, (outs, order))
+        return copies, idx_ptr, n if copies else 0
+
+    def submit(self, outs: List[torch.Tensor], order: torch.Tensor, start: int, n: int) -> None:
+        self._impl.submit(*self._job(outs, order, start, n), (outs, order))
 
     def wait(self) -> None:
         self._impl.wait()
@@ -89,19 +97,15 @@ class InlineNativeGatherer(NativeGatherer):
     """``NativeGatherer``'s copies, done synchronously by ``fastloop._C.gather`` in ``wait()``."""
 
     def __init__(self, sources: Sequence[torch.Tensor], depth: int, ext: ModuleType) -> None:
-        self._sources = list(sources)
-        n_rows = sources[0].shape[0]
-        self._specs = [(i, t.data_ptr(), (t.numel() // n_rows) * t.element_size(), n_rows)
-                       for i, t in enumerate(sources) if t.numel() > 0]
-        self._ext = ext
+        super().__init__(sources, depth, ext)
         self._jobs: Deque[Tuple[list, int, int, tuple]] = deque()
 
+    def _start_worker(self, depth: int) -> None:
+        return None  # copies run in the caller
+
     def submit(self, outs: List[torch.Tensor], order: torch.Tensor, start: int, n: int) -> None:
-        if order.dtype != torch.int64 or not order.is_contiguous():
-            raise ValueError(f"the index tensor must be contiguous int64, got {order.dtype}")
-        copies = [(src, outs[i].data_ptr(), row_bytes, rows) for i, src, row_bytes, rows in self._specs]
         # outs and order ride along so their memory outlives the copy
-        self._jobs.append((copies, order.data_ptr() + start * 8, n if copies else 0, (outs, order)))
+        self._jobs.append((*self._job(outs, order, start, n), (outs, order)))
 
     def wait(self) -> None:
         copies, idx_ptr, n, _keep_alive = self._jobs.popleft()
@@ -109,3 +113,4 @@ class InlineNativeGatherer(NativeGatherer):
 
     def close(self) -> None:
         self._jobs.clear()
+
