@@ -10,25 +10,12 @@ import statistics
 import time
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastloop import Callback, Module, Trainer
+from fastloop import Callback, Trainer
+from fastloop.testing import TinyMLP
 from fastloop.data import TensorLoader
 from fastloop.data import fetcher as fetcher_module
-
-
-class TinyMLP(Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 class EpochTimer(Callback):
@@ -39,8 +26,8 @@ class EpochTimer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def measure(loader, epochs: int = 3) -> float:
-    """Share of the last epoch spent waiting in the fetcher's ``next()``."""
+def measure(loader, epochs: int = 3) -> tuple:
+    """(share of the last epoch spent in the fetcher's ``next()``, µs waited per batch)."""
     waited = [0.0]
     original = fetcher_module.DataFetcher.__next__
 
@@ -64,7 +51,7 @@ def measure(loader, epochs: int = 3) -> float:
         trainer.fit(TinyMLP(), loader)
     finally:
         fetcher_module.DataFetcher.__next__ = original
-    return waited[0] / timer.seconds
+    return waited[0] / timer.seconds, waited[0] / len(loader) * 1e6
 
 
 def main() -> None:
@@ -76,8 +63,10 @@ def main() -> None:
         "DataLoader(TensorDataset)": lambda: DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True),
     }
     for name, make in loaders.items():
-        shares = [measure(make()) for _ in range(3)]
-        print(f"{name:28s} data wait: {100 * statistics.median(shares):5.2f} % of the step (median of 3)")
+        results = [measure(make()) for _ in range(3)]
+        share = statistics.median(r[0] for r in results)
+        per_batch = statistics.median(r[1] for r in results)
+        print(f"{name:28s} data wait: {100 * share:5.2f} % of the step, {per_batch:6.1f} us per batch (median of 3)")
 
 
 if __name__ == "__main__":

@@ -15,22 +15,10 @@ import time
 import torch
 from torch import nn
 
-from fastloop import Callback, Module, Trainer
+from fastloop import Callback, Trainer
+from fastloop.testing import TinyMLP
 
 STEPS = 500
-
-
-class TinyMLP(Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), 1e-3)
 
 
 class LastEpochTimer(Callback):
