@@ -89,6 +89,9 @@ class CompileConfig:
     # Inductor options applied while compiling, e.g. {"fallback_random": True} for dropout
     # masks identical to eager (slower; used by the parity tests).
     inductor_config: Optional[Dict[str, Any]] = None
+    # Call a compiled training graph directly while its inputs match (see step/direct_call.py),
+    # instead of through torch.compile's guards on every step. False: every call is guarded.
+    direct_call: bool = True
 
 
 @dataclass(frozen=True)

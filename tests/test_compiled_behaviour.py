@@ -79,6 +79,26 @@ def test_smaller_last_batch_costs_one_more_graph_and_no_recompile_storm():
     trainer = run(model, "compiled", loader, max_epochs=3)
     run(reference, "eager", loader, max_epochs=3)
     assert train_step(trainer).graph_count == 2
+    # 9 calls: the 2 that compiled went through torch.compile, the other 7 ran their graph directly.
+    assert [f.direct_calls for f in train_step(trainer).fused.values()] == [7]
+    assert_close_models(model, reference)
+
+
+class ScalesByEpoch(BoringModel):
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch) * (1.0 + self.current_epoch)
+
+
+def test_training_step_reading_run_state_stays_behind_guards():
+    """A direct call would keep epoch 0's factor; torch.compile's guards recompile for epoch 1."""
+    model = ScalesByEpoch(optimizer="adam")
+    reference = copy.deepcopy(model)
+    trainer = run(model, "compiled", max_epochs=2)
+    run(reference, "eager", max_epochs=2)
+    fused = train_step(trainer).fused[0]
+    assert fused.direct_calls == 0 and "reads self.current_epoch" in fused.direct_reason
+    assert "no direct graph calls: training_step reads self.current_epoch" in trainer.explain()
+    assert train_step(trainer).graph_count == 2
     assert_close_models(model, reference)
 
 

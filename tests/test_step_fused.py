@@ -20,6 +20,8 @@ O(1) weights after 30 steps (measured); we allow rtol 1e-4 / atol 1e-5.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,6 +207,8 @@ def test_compiled_matches_reference_with_expected_graph_count():
 
     def probe(i, fused):
         graphs_seen.append(fused.graph_count)
+        if i == 10:  # replaces the optimizer's state tensors: the next call must notice
+            fused.optimizer.load_state_dict(copy.deepcopy(fused.optimizer.state_dict()))
 
     ref, ref_losses, ref_grads = run_eager_reference(batches, accumulate, 0.5, "norm", "adam")
     got, losses, fused = run_fused(batches, accumulate, 0.5, "norm", "adam", compile=True, probe=probe)
@@ -215,6 +219,9 @@ def test_compiled_matches_reference_with_expected_graph_count():
     assert graphs_seen[n - 2] == 2, graphs_seen
     assert fused.graph_count == 3
     assert fused.compile_seconds > 0
+    # Every other call ran its graph directly, except the one after the state was replaced.
+    assert fused.direct_reason == ""
+    assert fused.direct_calls == n - 3 - 1
 
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-4, atol=1e-5)
     assert_models_close(ref, got, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .direct_call import CompiledGraph, graph_input_sources
+
 __all__ = ["CountingBackend", "compile_fullgraph", "with_fresh_code"]
 
 _ids = itertools.count()
@@ -36,17 +38,24 @@ class CountingBackend:
     def __init__(self, inductor_config: Optional[dict[str, Any]] = None) -> None:
         self.graphs = 0
         self.inductor_config = dict(inductor_config or {})
+        # The graph that ran last (set by CompiledGraph on each call through Dynamo).
+        self.last_invoked: Optional[CompiledGraph] = None
+
+    def _invoked(self, graph: CompiledGraph) -> None:
+        self.last_invoked = graph
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        with inductor_config.patch(self.inductor_config):
+        # Dynamo's guards or the direct call's key (see direct_call) already pin every input's
+        # shape and stride; inductor's own per-call asserts would check them again.
+        with inductor_config.patch({"size_asserts": False, **self.inductor_config}):
             compiled = compile_fx(gm, example_inputs)
         # Counted after success: dynamo may abandon an attempt (e.g. a
         # TensorifyScalarRestartAnalysis on a cold cache) and compile it again.
         self.graphs += 1
-        return compiled
+        return CompiledGraph(compiled, graph_input_sources(gm), self._invoked)
 
 
 def compile_fullgraph(fn: Callable, backend: CountingBackend) -> Callable:

@@ -18,7 +18,7 @@ from typing import Any, Callable, List
 
 from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, eager_train_step
-from fastloop.step.inspect_fn import is_generator_function, reads_argument
+from fastloop.step.inspect_fn import is_generator_function, reads_argument, reads_attributes
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ STEP_CHANGING_HOOKS = (
     "optimizer_step", "optimizer_zero_grad", "backward", "configure_gradient_clipping",
     "on_after_backward", "on_before_optimizer_step",
 )
+# Module attributes whose values change during a run: a training_step reading one keeps every
+# call of its graph behind torch.compile's guards (no direct call, see step/direct_call.py).
+RUN_STATE_ATTRIBUTES = ("current_epoch", "global_step", "trainer")
 # OptimizerLoop extension points: a subclass overriding one of them defines its own step.
 _LOOP_EXTENSION_POINTS = ("make_step_fn", "call_training_step", "backward_kwargs")
 
@@ -46,6 +49,8 @@ class StepReport:
             text += f" [{graphs} graph(s), first-step compile {getattr(self.step, 'compile_seconds', 0.0):.1f} s]"
         for reason in self.reasons:
             text += f"\n    fallback: {reason}"
+        for note in getattr(self.step, "notes", ()):
+            text += f"\n    note: {note}"
         return text
 
 
@@ -129,6 +134,8 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
     module = trainer.module
     names = {id(p): n for n, p in module.named_parameters()}
     several = len(trainer.optimizers) > 1
+    direct_call = trainer.config.compile.direct_call
+    run_state = reads_attributes(module.training_step, RUN_STATE_ATTRIBUTES)
     fused, layouts = {}, {}
     for idx, optimizer in enumerate(trainer.optimizers):
         owned = [p for group in optimizer.param_groups for p in group["params"]]
@@ -144,11 +151,14 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             accumulate=trainer.accumulate_grad_batches, compile=True,
             inductor_config=trainer.config.compile.inductor_config,
             precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
-            step_on_device=target_mode(trainer) == "cudagraph",
+            step_on_device=target_mode(trainer) == "cudagraph", direct_call=direct_call and not run_state,
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")
             return {}, {}
+        if direct_call and run_state:
+            step.direct_reason = (f"training_step reads self.{'/'.join(run_state)}, which changes during the run; "
+                                  "torch.compile's guards check it on every call")
         fused[idx] = step
     return fused, layouts
 

@@ -111,6 +111,12 @@ class CompiledTrainStep:
     def compile_seconds(self) -> float:
         return sum(step.compile_seconds for step in self.fused.values())
 
+    @property
+    def notes(self) -> List[str]:
+        """Why a graph is still called through torch.compile's guards on every step."""
+        return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}"
+                for idx, step in self.fused.items() if step.direct_reason]
+
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop
         trainer = loop.trainer

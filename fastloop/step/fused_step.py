@@ -45,11 +45,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ._compile import CountingBackend, compile_fullgraph
+from .direct_call import CallKey, DirectCall
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
 from .precision import DeviceLossScaler, autocast
 
 __all__ = ["FusedStep", "build_fused_step", "LossFn"]
+
+# Distinct (stepping?, batch shape, module mode) keys served directly per step; more go through Dynamo.
+_MAX_DIRECT_CALLS = 8
 
 # loss_fn(params, buffers, *batch) -> (loss, aux)
 LossFn = Callable[..., tuple[Tensor, Any]]
@@ -69,6 +73,7 @@ def build_fused_step(
     precision: str = "32",
     triton_kernels: bool = False,
     step_on_device: bool = False,
+    direct_call: bool = True,
 ) -> tuple[Optional["FusedStep"], Optional[str]]:
     """Build the fused step for one optimizer.
 
@@ -99,6 +104,9 @@ def build_fused_step(
             ``FusedStep.triton_reason`` says why they are not used.
         step_on_device: keep Adam's step count on the parameters' device (needed
             by CUDA-graph capture; see ``make_functional_optimizer``).
+        direct_call: once a graph has run, call it directly while its inputs match,
+            skipping torch.compile's per-call wrapper (see ``direct_call``).
+            ``FusedStep.direct_reason`` says why a step still goes through it.
 
     Returns:
         ``(FusedStep, None)``, or ``(None, reason)`` when this optimizer or
@@ -124,7 +132,7 @@ def build_fused_step(
         return None, reason
     return FusedStep(loss_fn, module, list(trainable), fopt, clip_val, clip_algorithm,
                      accumulate, compile, inductor_config, precision=precision,
-                     triton_clip=triton_kernels and fopt.use_triton), None
+                     triton_clip=triton_kernels and fopt.use_triton, direct_call=direct_call), None
 
 
 def _detach(tree: Any) -> Any:
@@ -211,6 +219,8 @@ class FusedStep:
         compile_seconds: wall time of the calls that compiled a graph (first
             call of each function, plus any recompile), in seconds.
         graph_count: graphs compiled so far (0 when ``compile=False``).
+        direct_calls: calls that ran a compiled graph directly (``direct_call``).
+        direct_reason: why calls go through torch.compile's guards every time ('' if not).
     """
 
     def __init__(
@@ -226,6 +236,7 @@ class FusedStep:
         inductor_config: Optional[dict[str, Any]] = None,
         precision: str = "32",
         triton_clip: bool = False,
+        direct_call: bool = True,
     ) -> None:
         self.module = module
         self.precision = precision
@@ -249,6 +260,12 @@ class FusedStep:
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._fns: dict[bool, Callable] = {}
+        # Direct calls of the compiled graphs, by (function, CallKey.hashable); see direct_call.
+        self._direct: dict[tuple, DirectCall] = {}
+        self.direct_calls = 0  # calls served by a DirectCall
+        self.direct_reason = "" if direct_call else "turned off (CompileConfig.direct_call=False)"
+        if not compile:
+            self.direct_reason = "not compiled"
         self.scaler = DeviceLossScaler(device) if precision == "16-mixed" else None
         self._scaler_state = self.scaler.tensors() if self.scaler is not None else ()
         self.triton_reason = fopt.triton_reason
@@ -300,12 +317,44 @@ class FusedStep:
         self._new_window = step
 
     def run(self, fn: Callable, args: tuple) -> tuple[Tensor, Any]:
-        """Call ``fn`` (the compiled core or anything with its signature) on ``args``."""
+        """Call ``fn`` (the compiled core or anything with its signature) on ``args``.
+
+        A compiled ``fn`` is called directly (``DirectCall``) when a graph already served
+        the same key; otherwise through torch.compile, which checks its guards and compiles
+        when needed, and the graph it ran becomes the direct call for that key.
+        """
         train, frozen, buffers, grads, opt_inputs, scaler_state, flag, batch = args
+        if self.direct_reason:
+            with torch.no_grad():
+                return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+        # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
+        names = dict(train=train, frozen=frozen, buffers=buffers, grads=grads, opt_inputs=opt_inputs,
+                     new_window=flag, scaler_state=scaler_state, batch=batch)
+        key = CallKey(self.module, batch)
+        slot = (fn, key.hashable)
+        direct = self._direct.get(slot)
+        with torch.no_grad():
+            if direct is not None:
+                out = direct(names)
+                if out is not None:
+                    self.direct_calls += 1
+                    return out
+            self._backend.last_invoked = None
+            out = self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+        graph = self._backend.last_invoked
+        if graph is not None:
+            direct, why = DirectCall.build(graph, names, out)
+            if direct is None:
+                self.direct_reason = why
+                self._direct.clear()
+            elif len(self._direct) < _MAX_DIRECT_CALLS or slot in self._direct:
+                self._direct[slot] = direct
+        return out
+
+    def _run_guarded(self, fn: Callable, *args: Any) -> tuple[Tensor, Any]:
         graphs_before = self._backend.graphs
         start = time.perf_counter()
-        with torch.no_grad():
-            out = fn(train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+        out = fn(*args)
         if self._backend.graphs != graphs_before:
             self.compile_seconds += time.perf_counter() - start
         return out
