@@ -35,6 +35,11 @@ from fastloop.data._gather import InlineNativeGatherer, NativeGatherer, PythonGa
 # benchmarks/data_wait.py: batch 64 x 32 floats waited 11 % of the step with the worker
 # thread and 3.5 % with an in-caller copy on the 2-core CI machine.
 INLINE_BATCH_BYTES = 64 * 1024
+# Small batches are also gathered several at a time: one allocation per source and one copy
+# call for up to this many bytes, then split into batches (views). A batch's own fixed costs
+# (two torch.empty, one extension call: ~15 µs together on the 2-core VM) dwarf copying 8 KiB.
+CHUNK_BYTES = 256 * 1024
+MAX_BATCHES_PER_CHUNK = 32
 from fastloop.data._order import epoch_order, num_batches, shard_size
 
 Batch = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -118,7 +123,9 @@ class TensorLoader:
 
     Yields:
         The batch tensor itself when one tensor was given, else a tuple with one batch tensor
-        per source. Unless ``pin_memory`` is active, every batch is freshly allocated.
+        per source. Unless ``pin_memory`` is active, a batch is never overwritten later:
+        batches under 64 KiB are views into a freshly allocated chunk of up to 32 consecutive
+        batches (``CHUNK_BYTES``), larger ones are allocated one by one.
 
     Example:
         >>> loader = TensorLoader(torch.randn(10, 3), torch.arange(10), batch_size=4)
@@ -258,12 +265,19 @@ class _EpochIterator(Iterator[Batch]):
         self._single = len(loader.tensors) == 1
         self._num_batches = len(loader)
         self._next_yield = self._next_submit = start_batch
-        self._pending: Deque[List[torch.Tensor]] = deque()
+        self._pending: Deque[List[torch.Tensor]] = deque()  # gather jobs in flight
+        self._ready: Deque[Batch] = deque()  # batches split from a finished job
+        small = loader.batch_bytes < INLINE_BATCH_BYTES
+        # Batches per gather job: several for small batches (their outputs are views of one
+        # chunk); one for large ones and for the pinned ring, whose slots hold one batch.
+        self._per_job = 1
+        if small and not loader.pin_memory:
+            self._per_job = max(1, min(MAX_BATCHES_PER_CHUNK, CHUNK_BYTES // max(loader.batch_bytes, 1)))
         if loader.pin_memory:
             self._buffers: Any = RingBuffers(loader.tensors, self._bs, self._prefetch, pin=True)
         else:
             self._buffers = FreshBuffers(loader.tensors)
-        if loader._ext is not None and loader.batch_bytes < INLINE_BATCH_BYTES:
+        if loader._ext is not None and small:
             self._gatherer: Any = InlineNativeGatherer(loader.tensors, self._prefetch, loader._ext)
         elif loader._ext is not None:
             self._gatherer = NativeGatherer(loader.tensors, self._prefetch, loader._ext)
@@ -273,14 +287,15 @@ class _EpochIterator(Iterator[Batch]):
         self._fill(self._prefetch)
 
     def _fill(self, depth: int) -> None:
-        """Submit batches until ``depth`` are in flight (or the epoch runs out)."""
+        """Submit gather jobs until ``depth`` are in flight (or the epoch runs out)."""
         while len(self._pending) < depth and self._next_submit < self._num_batches:
+            count = min(self._per_job, self._num_batches - self._next_submit)
             start = self._next_submit * self._bs
-            n = min(self._bs, self._order.numel() - start)
+            n = min(count * self._bs, self._order.numel() - start)
             outs = self._buffers.take(n)
             self._gatherer.submit(outs, self._order, start, n)
             self._pending.append(outs)
-            self._next_submit += 1
+            self._next_submit += count
 
     def __iter__(self) -> "_EpochIterator":
         return self
@@ -288,10 +303,18 @@ class _EpochIterator(Iterator[Batch]):
     def __next__(self) -> Batch:
         if self._closed:
             raise StopIteration
-        if self._next_yield >= self._num_batches:
-            self.close()
-            self._loader._on_epoch_end(self)
-            raise StopIteration
+        if not self._ready:
+            if self._next_yield >= self._num_batches:
+                self.close()
+                self._loader._on_epoch_end(self)
+                raise StopIteration
+            self._collect()
+        self._next_yield += 1
+        self._loader._on_yield(self, self._next_yield)
+        return self._ready.popleft()
+
+    def _collect(self) -> None:
+        """Wait for the oldest gather job and queue its batches."""
         try:
             self._fill(max(self._prefetch, 1))
             self._gatherer.wait()
@@ -299,10 +322,12 @@ class _EpochIterator(Iterator[Batch]):
             self.close()  # join the worker before the error reaches the caller
             raise
         outs = self._pending.popleft()
-        self._next_yield += 1
+        if self._per_job == 1:
+            self._ready.append(outs[0] if self._single else tuple(outs))
+        else:
+            pieces = [out.split(self._bs) for out in outs]
+            self._ready.extend(pieces[0] if self._single else zip(*pieces))
         self._fill(self._prefetch)
-        self._loader._on_yield(self, self._next_yield)
-        return outs[0] if self._single else tuple(outs)
 
     def close(self) -> None:
         """Stop prefetching and join the worker thread (idempotent)."""
@@ -310,6 +335,7 @@ class _EpochIterator(Iterator[Batch]):
             self._closed = True
             self._gatherer.close()
             self._pending.clear()
+            self._ready.clear()
 
     def __del__(self) -> None:
         gatherer = getattr(self, "_gatherer", None)
