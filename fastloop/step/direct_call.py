@@ -28,11 +28,11 @@ replayed CUDA graph. The builder keeps ``training_step`` functions that read ``c
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["CallKey", "CompiledGraph", "DirectCall", "graph_input_sources"]
 
@@ -102,17 +102,20 @@ class CallKey:
 
 
 class DirectCall:
-    """Calls one compiled graph with inputs taken from the fused step's arguments."""
+    """Calls one compiled graph with inputs taken from the fused step's arguments.
 
-    def __init__(self, graph: CompiledGraph, accessors: List[Callable[[dict], Any]], persistent: List[int],
-                 out_spec: Any, out_leaves: List[Tuple[bool, Any]]) -> None:
+    The input list and the returned structure are each built by one generated expression
+    (from Dynamo's source names and from the first output), so a call costs a few µs of Python.
+    """
+
+    def __init__(self, graph: CompiledGraph, gather: Callable[[dict], List[Tensor]], persistent: List[int],
+                 rebuild: Callable[[Any], Any]) -> None:
         self.graph = graph
         self._fn = graph.fn
-        self._accessors = accessors
+        self._gather = gather
         self._persistent_idx = persistent
-        self._out_spec = out_spec
-        self._out_leaves = out_leaves
-        self._persistent: Tuple[Tensor, ...] = ()
+        self._rebuild = rebuild
+        self._persistent: List[Tensor] = []
 
     @classmethod
     def build(cls, graph: CompiledGraph, names: Dict[str, Any], output: Any
@@ -121,47 +124,67 @@ class DirectCall:
         step return ``output``; or ``(None, reason)``."""
         if graph.sources is None:
             return None, "a graph input has no source Dynamo could name"
-        accessors: List[Callable[[dict], Any]] = []
         persistent: List[int] = []
         for i, source in enumerate(graph.sources):
             if not source.startswith("L["):
                 return None, f"graph input {source} is not reached from the step's arguments"
-            try:
-                accessor = eval(f"lambda L: {source}", {})  # noqa: S307 - Dynamo's own source text
-                value = accessor(names)
-            except Exception as exc:  # an unfamiliar source syntax: keep the guarded path
-                return None, f"graph input {source} could not be read back ({type(exc).__name__})"
-            if not isinstance(value, Tensor):
-                return None, f"graph input {source} is a {type(value).__name__}, not a tensor"
-            accessors.append(accessor)
             if not source.startswith(_VARYING_ROOTS):
                 persistent.append(i)
+        try:
+            gather = eval(f"lambda L: [{', '.join(graph.sources)}]", {})  # noqa: S307 - Dynamo's source text
+            inputs = gather(names)
+        except Exception as exc:  # an unfamiliar source syntax: keep the guarded path
+            return None, f"the graph inputs could not be read back from the arguments ({type(exc).__name__})"
+        bad = next((s for s, v in zip(graph.sources, inputs) if not isinstance(v, Tensor)), None)
+        if bad is not None:
+            return None, f"graph input {bad} is not a tensor"
         graph_outputs = graph.last_outputs
         if not isinstance(graph_outputs, (list, tuple)):
             return None, "the graph did not return a sequence"
-        leaves, spec = tree_flatten(output)
-        out_leaves: List[Tuple[bool, Any]] = []
-        for leaf in leaves:
-            if not isinstance(leaf, Tensor):
-                out_leaves.append((False, leaf))
-                continue
-            index = next((j for j, g in enumerate(graph_outputs) if g is leaf), None)
-            if index is None:
-                return None, "a returned tensor is not one of the graph's outputs"
-            out_leaves.append((True, index))
-        direct = cls(graph, accessors, persistent, spec, out_leaves)
-        direct._persistent = tuple(accessors[i](names) for i in persistent)
+        constants: List[Any] = []
+        try:
+            expression = _rebuild_expression(output, graph_outputs, constants)
+        except _NotRebuildable as exc:
+            return None, str(exc)
+        rebuild = eval(f"lambda o: {expression}", {"C": constants})  # noqa: S307 - generated above
+        direct = cls(graph, gather, persistent, rebuild)
+        direct._persistent = [inputs[i] for i in persistent]
         return direct, ""
 
     def __call__(self, names: Dict[str, Any]) -> Optional[Any]:
         """Run the graph on ``names``, whose ``CallKey`` the caller matched already;
         None (nothing ran) when a persistent input was replaced."""
         try:
-            inputs = [get(names) for get in self._accessors]
+            inputs = self._gather(names)
         except (KeyError, IndexError, TypeError, AttributeError):
             return None  # a batch the key did not tell apart: Dynamo decides
         for then, i in zip(self._persistent, self._persistent_idx):
             if inputs[i] is not then:
                 return None
-        outputs = self._fn(*inputs)
-        return tree_unflatten([outputs[v] if is_out else v for is_out, v in self._out_leaves], self._out_spec)
+        return self._rebuild(self._fn(*inputs))
+
+
+class _NotRebuildable(Exception):
+    pass
+
+
+def _rebuild_expression(obj: Any, graph_outputs: Sequence[Any], constants: List[Any]) -> str:
+    """Python source that rebuilds ``obj`` from the graph outputs ``o`` and constants ``C``."""
+    kind = type(obj)
+    if isinstance(obj, Tensor):
+        index = next((j for j, g in enumerate(graph_outputs) if g is obj), None)
+        if index is None:
+            raise _NotRebuildable("a returned tensor is not one of the graph's outputs")
+        return f"o[{index}]"
+    if kind is tuple or kind is list:
+        items = "".join(_rebuild_expression(x, graph_outputs, constants) + ", " for x in obj)
+        return f"({items})" if kind is tuple else f"[{items}]"
+    if kind is dict:
+        constants.append(list(obj))
+        keys = len(constants) - 1
+        values = ", ".join(_rebuild_expression(v, graph_outputs, constants) for v in obj.values())
+        return f"dict(zip(C[{keys}], ({values}{',' if obj else ''})))"
+    if obj is None or kind in (int, float, bool, str):
+        constants.append(obj)
+        return f"C[{len(constants) - 1}]"
+    raise _NotRebuildable(f"the step returned a {kind.__name__}, which a direct call does not rebuild")
