@@ -90,11 +90,11 @@ def test_json_output_matches_schema(tmp_path, capsys):
 class _Boom(RawLoop):
     name = "boom"
 
-    def _run(self, steps):
+    def run(self, steps):
         if len(getattr(self, "_calls", [])) >= 1:
             raise RuntimeError("boom in round 2")
         self._calls = [1]
-        return super()._run(steps)
+        return super().run(steps)
 
 
 class _BadSetup(Contender):

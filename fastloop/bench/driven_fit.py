@@ -1,34 +1,39 @@
 """Drive a framework's ``fit()`` round by round, so frameworks can be timed interleaved.
 
 Timing choice (why not time ``trainer.fit`` or per-batch hooks): a framework contender runs ONE
-``fit`` for the whole benchmark (warm-up + every round) in a worker thread. A callback's
-``on_train_batch_end`` calls :meth:`FitDriver.batch_end`, which pauses the worker when a round's
-step count is reached and hands control back to the runner, which then times the other
-contenders. A round's time runs from the worker resuming (inside ``on_train_batch_end`` of the
-previous round's last batch) to ``on_train_batch_end`` of the round's last batch, so it contains
-everything the loop does between batches (fetching, transfer hooks, counters, every hook, the
-step) and nothing of Trainer construction or fit set-up and tear-down. Per-step hook timing
-(``on_train_batch_start``..``end``) would leave the loop's own overhead out, which is what we
-want to measure. The driver's callback adds one Python call per step (well under 1 µs), counted
-against the framework. Only one thread runs at a time; the runner waits on a semaphore.
+``fit`` for the whole benchmark (warm-up + every round) in a greenlet. A callback's
+``on_train_batch_end`` calls :meth:`FitDriver.batch_end`, which switches back to the runner when
+a round's step count is reached; the runner then times the other contenders and later switches
+into the fit again. A round's time runs from the fit resuming (inside ``on_train_batch_end`` of
+the previous round's last batch) to ``on_train_batch_end`` of the round's last batch, so it
+contains everything the loop does between batches (fetching, transfer hooks, counters, every
+hook, the step) and nothing of Trainer construction or fit set-up and tear-down. The driver's
+callback adds one Python call per step (well under 1 µs), counted against the framework.
+
+Why greenlets, not threads: every contender then runs on the runner's one OS thread. Each OS
+thread that runs ATen ops owns an OpenMP team; on the 2-core VM, a second live thread that had
+run a few matmuls made the main thread's tiny-MLP step 1.4-1.8x slower (2 intra-op threads),
+and fastloop's compiled step (mostly matmuls) ran 2x slower under the thread-based harness than
+alone. One thread gives every contender the conditions of a normal training script.
+Grad mode is thread-local state: it is saved and restored around every switch.
 """
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Callable, Optional
 
 import torch
+from greenlet import greenlet
 
 from fastloop.bench.contender import synchronize
 
 
 class _Abort(Exception):
-    """Raised inside the worker to unwind a fit the runner gave up on."""
+    """Raised inside the fit to unwind a fit the runner gave up on."""
 
 
 class FitDriver:
-    """Runs ``fit_fn`` in a thread that pauses at the step counts the runner asks for."""
+    """Runs ``fit_fn`` in a greenlet that pauses at the step counts the runner asks for."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -38,14 +43,13 @@ class FitDriver:
         self.error: Optional[BaseException] = None
         self.finished = False
         self._aborting = False
-        self._go = threading.Semaphore(0)
-        self._paused = threading.Semaphore(0)
-        self._thread: Optional[threading.Thread] = None
+        self._fit: Optional[greenlet] = None
+        self._runner: Optional[greenlet] = None  # who resumed the fit last
         self._t_start = self._t_first = self._t_resume = self._t_pause = 0.0
 
-    # ----------------------------------------------------------- worker side
+    # ----------------------------------------------------------- fit side
     def batch_end(self, outputs: Any) -> None:
-        """Call from ``on_train_batch_end`` (worker thread)."""
+        """Call from ``on_train_batch_end`` (inside the fit's greenlet)."""
         self.steps += 1
         self.last_outputs = outputs
         if self.steps == 1:
@@ -54,8 +58,9 @@ class FitDriver:
         if self.steps == self.pause_at:
             synchronize(self.device)  # host-device sync: the one per timed round
             self._t_pause = time.perf_counter()
-            self._paused.release()
-            self._go.acquire()
+            grad_mode = torch.is_grad_enabled()
+            self._runner.switch()  # type: ignore[union-attr]
+            torch.set_grad_enabled(grad_mode)
             if self._aborting:
                 raise _Abort()
             self._t_resume = time.perf_counter()
@@ -70,27 +75,34 @@ class FitDriver:
             self.error = exc
         finally:
             self.finished = True
-            self._paused.release()
+
+    def _switch_in(self, *args: Any) -> None:
+        """Run the fit until it pauses or ends; the runner's grad mode is kept."""
+        grad_mode = torch.is_grad_enabled()
+        self._runner = greenlet.getcurrent()
+        try:
+            self._fit.switch(*args)  # type: ignore[union-attr]
+        finally:
+            torch.set_grad_enabled(grad_mode)
 
     # ----------------------------------------------------------- runner side
     def start(self, fit_fn: Callable[[], None], warmup_steps: int) -> float:
         """Start the fit, run ``warmup_steps`` steps; return the first step's seconds (from the
         ``fit`` call, so set-up, compilation and capture are included)."""
         self.pause_at = warmup_steps
-        self._thread = threading.Thread(target=self._work, args=(fit_fn,), name="fastloop-bench-fit", daemon=True)
-        self._thread.start()
-        self._wait(warmup_steps)
+        self._fit = greenlet(self._work)
+        self._switch_in(fit_fn)
+        self._check(warmup_steps)
         return self._t_first - self._t_start
 
     def resume(self, steps: int) -> float:
         """Run ``steps`` more steps; return their seconds."""
         self.pause_at = self.steps + steps
-        self._go.release()
-        self._wait(self.pause_at)
+        self._switch_in()
+        self._check(self.pause_at)
         return self._t_pause - self._t_resume
 
-    def _wait(self, expected: int) -> None:
-        self._paused.acquire()
+    def _check(self, expected: int) -> None:
         if self.error is not None:
             raise self.error
         if self.finished and self.steps < expected:
@@ -99,23 +111,22 @@ class FitDriver:
     def finish(self, planned_steps: int) -> None:
         """End the fit: when all ``planned_steps`` ran, let it finish normally (tear-down hooks
         included); when the runner stopped early (time budget), unwind it where it paused."""
-        if self._thread is None or self.finished:
+        if self._fit is None or self.finished:
             return
         if self.steps < planned_steps:
             self.abort()
             return
-        self._go.release()
-        self._thread.join()
+        self.pause_at = -1  # never pause again
+        self._switch_in()
         if self.error is not None:
             raise self.error
 
     def abort(self) -> None:
         """Unwind a paused fit (after a failure elsewhere); idempotent."""
-        if self._thread is None or self.finished:
+        if self._fit is None or self.finished or self._fit.dead:
             return
         self._aborting = True
-        self._go.release()
-        self._thread.join(timeout=30)
+        self._switch_in()
 
 
 def loss_from_outputs(outputs: Any) -> Optional[float]:

@@ -1,17 +1,13 @@
 """The reference contender: a hand-written PyTorch loop, and the same step under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; CUDA only).
 
-Like the framework contenders (whose ``fit`` runs in a worker thread, see ``driven_fit``), the
-raw loop runs every phase on a worker thread of its own, so all contenders run ATen under the
-same threading conditions. This matters: on an oversubscribed 2-core machine (load average 5)
-the tiny-mlp raw step took 178 ms on the main thread with 2 intra-op threads and 2.6 ms on a
-worker thread (3.2 ms on the main thread with ``torch.set_num_threads(1)``).
+Every contender runs on the runner's one thread (framework fits in greenlets, see
+``driven_fit``), so all of them run ATen under the same threading conditions.
 """
 from __future__ import annotations
 
 import copy
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,32 +23,7 @@ class RawLoop(Contender):
     mode_requested = "eager"
     mode_used = "eager"
 
-    _pool: Optional[ThreadPoolExecutor] = None
-
-    def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` on this contender's own thread (always the same one) and wait for it."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bench-{self.name}")
-        return self._pool.submit(fn, *args).result()
-
     def setup(self, spec: RunSpec) -> None:
-        self._on_worker(self._setup, spec)
-
-    def warmup(self, steps: int) -> float:
-        return self._on_worker(self._warmup, steps)
-
-    def run(self, steps: int) -> float:
-        return self._on_worker(self._run, steps)
-
-    def finish(self) -> Outcome:
-        return self._on_worker(self._finish)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _setup(self, spec: RunSpec) -> None:
         self.spec = spec
         self.model = copy.deepcopy(spec.model).to(spec.device)
         self.model.train()
@@ -83,7 +54,7 @@ class RawLoop(Contender):
             i += 1
         self.index, self.loss = i, loss
 
-    def _warmup(self, steps: int) -> float:
+    def warmup(self, steps: int) -> float:
         device = self.spec.device
         start = time.perf_counter()
         self._steps(1)
@@ -93,13 +64,13 @@ class RawLoop(Contender):
         synchronize(device)  # host-device sync: end of warm-up
         return first
 
-    def _run(self, steps: int) -> float:
+    def run(self, steps: int) -> float:
         start = time.perf_counter()
         self._steps(steps)
         synchronize(self.spec.device)  # host-device sync: the one per timed round
         return time.perf_counter() - start
 
-    def _finish(self) -> Outcome:
+    def finish(self) -> Outcome:
         loss = None if self.loss is None else float(self.loss.clone())  # .item(): a sync, after timing
         return Outcome(loss, self.mode_used)
 
