@@ -73,6 +73,19 @@ struct Job {
   }
 };
 
+// A shuffled gather reads rows scattered over the source: once the training step has evicted
+// the source from the caches, rows are cache misses. Measured on the 2-core VM (1920 shuffled
+// rows of 128 + 8 bytes): 47 us with the source cache-warm, ~290 us inside a compiled fit,
+// ~190-210 us there when the row kPrefetchRows ahead is requested early (several misses in
+// flight instead of one at a time).
+constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kPrefetchMaxBytes = 512;  // first cache lines only of very wide rows
+
+inline void prefetch_row(const char* row, int64_t row_bytes) {
+  const int64_t bytes = std::min(row_bytes, kPrefetchMaxBytes);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset, 0, 0);
+}
+
 // Rows [lo, hi): check every index first, then copy; runs of consecutive indices become one
 // memcpy (the unshuffled case).
 void copy_chunk(Job& job, int64_t lo, int64_t hi) {
@@ -88,6 +101,7 @@ void copy_chunk(Job& job, int64_t lo, int64_t hi) {
   }
   for (const Copy& c : job.copies) {
     for (int64_t i = lo; i < hi;) {
+        if (i + kPrefetchRows < hi) prefetch_row(c.src + job.idx[i + kPrefetchRows] * c.row_bytes, c.row_bytes);
       int64_t run = 1;
       while (i + run < hi && job.idx[i + run] == job.idx[i] + run) ++run;
       std::memcpy(c.dst + i * c.row_bytes, c.src + job.idx[i] * c.row_bytes,
