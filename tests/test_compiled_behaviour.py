@@ -81,6 +81,7 @@ def test_smaller_last_batch_costs_one_more_graph_and_no_recompile_storm():
     assert train_step(trainer).graph_count == 2
     # 9 calls: the 2 that compiled went through torch.compile, the other 7 ran their graph directly.
     assert [f.direct_calls for f in train_step(trainer).fused.values()] == [7]
+    assert "optimizer 0: 7 of 9 calls ran the compiled graph directly" in trainer.explain()
     assert_close_models(model, reference)
 
 

@@ -113,9 +113,10 @@ class CompiledTrainStep:
 
     @property
     def notes(self) -> List[str]:
-        """Why a graph is still called through torch.compile's guards on every step."""
-        return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}"
-                for idx, step in self.fused.items() if step.direct_reason]
+        """How the graphs were called: directly, or through torch.compile's guards and why."""
+        return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}" if step.direct_reason
+                else f"optimizer {idx}: {step.direct_calls} of {step.calls} calls ran the compiled graph directly"
+                for idx, step in self.fused.items()]
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop

@@ -219,7 +219,8 @@ class FusedStep:
         compile_seconds: wall time of the calls that compiled a graph (first
             call of each function, plus any recompile), in seconds.
         graph_count: graphs compiled so far (0 when ``compile=False``).
-        direct_calls: calls that ran a compiled graph directly (``direct_call``).
+        calls, direct_calls: calls so far, and those that ran a compiled graph directly
+            (``direct_call``).
         direct_reason: why calls go through torch.compile's guards every time ('' if not).
     """
 
@@ -262,7 +263,8 @@ class FusedStep:
         self._fns: dict[bool, Callable] = {}
         # Direct calls of the compiled graphs, by (function, CallKey.hashable); see direct_call.
         self._direct: dict[tuple, DirectCall] = {}
-        self.direct_calls = 0  # calls served by a DirectCall
+        self.calls = 0  # calls of run()
+        self.direct_calls = 0  # of which served by a DirectCall
         self.direct_reason = "" if direct_call else "turned off (CompileConfig.direct_call=False)"
         if not compile:
             self.direct_reason = "not compiled"
@@ -324,6 +326,7 @@ class FusedStep:
         when needed, and the graph it ran becomes the direct call for that key.
         """
         train, frozen, buffers, grads, opt_inputs, scaler_state, flag, batch = args
+        self.calls += 1
         if self.direct_reason:
             with torch.no_grad():
                 return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
