@@ -1,4 +1,5 @@
-"""Median µs per training step: raw eager PyTorch loop vs the fused compiled step.
+"""Median µs per training step: raw eager PyTorch loop vs the fused compiled step, called through
+torch.compile's guards on every step and called directly (``FusedStep(direct_call=True)``).
 
 Run:  PYTHONPATH=. python benchmarks/fused_step_speed.py [--steps 50] [--repeats 21] [--threads N]
 
@@ -55,12 +56,12 @@ def eager_step_fn(model: nn.Module, opt: torch.optim.Optimizer) -> Callable:
     return step
 
 
-def fused_step_fn(model: nn.Module, opt: torch.optim.Optimizer):
+def fused_step_fn(model: nn.Module, opt: torch.optim.Optimizer, direct_call: bool):
     def loss_fn(params, buffers, x, y):
         return F.cross_entropy(torch.func.functional_call(model, {**params, **buffers}, (x,)), y), {}
 
     names = [n for n, _ in model.named_parameters()]
-    fused, reason = build_fused_step(loss_fn, model, names, opt, compile=True)
+    fused, reason = build_fused_step(loss_fn, model, names, opt, compile=True, direct_call=direct_call)
     assert fused is not None, reason
 
     def step(x, y):
@@ -73,23 +74,30 @@ def bench(name: str, factory: Callable[[], nn.Module], batch: int, features: int
     batches = make_batches(16, batch, features)
     torch.manual_seed(0)
     eager_model = factory().train()
-    eager = eager_step_fn(eager_model, torch.optim.Adam(eager_model.parameters(), lr=1e-3))
-    torch.manual_seed(0)
-    fused_model = factory().train()
-    fused, handle = fused_step_fn(fused_model, torch.optim.Adam(fused_model.parameters(), lr=1e-3))
+    variants = {"eager": eager_step_fn(eager_model, torch.optim.Adam(eager_model.parameters(), lr=1e-3))}
+    handles = {}
+    for label, direct in (("guarded", False), ("direct", True)):
+        torch.manual_seed(0)
+        model = factory().train()
+        variants[label], handles[label] = fused_step_fn(model, torch.optim.Adam(model.parameters(), lr=1e-3), direct)
     for _ in range(5):  # warm-up: compile, allocator, caches
-        eager(*batches[0])
-        fused(*batches[0])
-    # Interleave the two variants so that machine noise hits both alike.
-    e_runs, f_runs = [], []
+        for step in variants.values():
+            step(*batches[0])
+    # Interleave the variants so that machine noise hits all alike.
+    runs: dict = {label: [] for label in variants}
     for _ in range(repeats):
-        e_runs.append(time_block(eager, batches, steps))
-        f_runs.append(time_block(fused, batches, steps))
-    e, f = statistics.median(e_runs), statistics.median(f_runs)
-    e_min, f_min = min(e_runs), min(f_runs)
-    print(f"{name}\n  median: eager {e:7.0f} µs/step, fused {f:7.0f} µs/step, speedup {e / f:4.2f}x"
-          f"\n  min:    eager {e_min:7.0f} µs/step, fused {f_min:7.0f} µs/step, speedup {e_min / f_min:4.2f}x"
-          f"\n  first-call compile {handle.compile_seconds:.1f} s, graphs {handle.graph_count}")
+        for label, step in variants.items():
+            runs[label].append(time_block(step, batches, steps))
+    med = {label: statistics.median(v) for label, v in runs.items()}
+    low = {label: min(v) for label, v in runs.items()}
+    print(f"{name}")
+    for label in ("guarded", "direct"):
+        print(f"  fused ({label}): median {med[label]:6.0f} µs/step (eager {med['eager']:6.0f}, speedup "
+              f"{med['eager'] / med[label]:4.2f}x); min {low[label]:6.0f} (eager {low['eager']:6.0f}, "
+              f"{low['eager'] / low[label]:4.2f}x)")
+    handle = handles["direct"]
+    print(f"  first-call compile {handle.compile_seconds:.1f} s, graphs {handle.graph_count}, "
+          f"direct calls {handle.direct_calls} of {handle.calls}")
 
 
 def main() -> None:
