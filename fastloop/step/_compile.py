@@ -38,11 +38,15 @@ class CountingBackend:
     def __init__(self, inductor_config: Optional[dict[str, Any]] = None) -> None:
         self.graphs = 0
         self.inductor_config = dict(inductor_config or {})
-        # The graph that ran last (set by CompiledGraph on each call through Dynamo).
+        # The graph that ran last (set by CompiledGraph on each call through Dynamo), and
+        # whether it keeps its outputs for DirectCall.build (off: nothing is retained).
         self.last_invoked: Optional[CompiledGraph] = None
+        self.record_outputs = False
 
-    def _invoked(self, graph: CompiledGraph) -> None:
+    def _invoked(self, graph: CompiledGraph, outputs: Any) -> None:
         self.last_invoked = graph
+        if self.record_outputs:
+            graph.last_outputs = outputs
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor import config as inductor_config

@@ -268,6 +268,7 @@ class FusedStep:
         self.direct_reason = "" if direct_call else "turned off (CompileConfig.direct_call=False)"
         if not compile:
             self.direct_reason = "not compiled"
+        self._backend.record_outputs = not self.direct_reason
         self.scaler = DeviceLossScaler(device) if precision == "16-mixed" else None
         self._scaler_state = self.scaler.tensors() if self.scaler is not None else ()
         self.triton_reason = fopt.triton_reason
@@ -347,8 +348,10 @@ class FusedStep:
         graph = self._backend.last_invoked
         if graph is not None:
             direct, why = DirectCall.build(graph, names, out)
+            graph.last_outputs = None
             if direct is None:
                 self.direct_reason = why
+                self._backend.record_outputs = False
                 self._direct.clear()
             elif len(self._direct) < _MAX_DIRECT_CALLS or slot in self._direct:
                 self._direct[slot] = direct
