@@ -100,3 +100,30 @@ def test_auto_mode_records_its_fallback_without_warning():
     report = optimizer_report(trainer)
     assert report.requested == "auto" and report.used == "eager"
     assert any("optimizer RMSprop has no fused update" in r for r in report.reasons)
+
+
+class CountsCalls(BoringModel):
+    def training_step(self, batch, batch_idx):
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.loss(batch)
+
+
+class KeepsHistory(BoringModel):
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.history.append(loss.detach())
+        return loss
+
+
+class ReadsStep(BoringModel):
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch) * (1.0 if self.global_step < 2 else 0.5)
+
+
+def test_direct_graph_calls_are_refused_where_they_would_skip_python_work():
+    from fastloop.step.build import direct_call_blocker
+
+    assert direct_call_blocker(BoringModel().training_step) == ""  # self.log is fine
+    assert "assigns .calls" in direct_call_blocker(CountsCalls().training_step)
+    assert "calls .history.append()" in direct_call_blocker(KeepsHistory().training_step)
+    assert "reads self.global_step" in direct_call_blocker(ReadsStep().training_step)

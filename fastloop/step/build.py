@@ -18,7 +18,7 @@ from typing import Any, Callable, List
 
 from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, eager_train_step
-from fastloop.step.inspect_fn import is_generator_function, reads_argument, reads_attributes
+from fastloop.step.inspect_fn import is_generator_function, python_side_effects, reads_argument, reads_attributes
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,21 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     return step
 
 
+def direct_call_blocker(training_step: Callable[..., Any]) -> str:
+    """Why calls of this ``training_step``'s graph must stay behind torch.compile's guards
+    ('' if a direct call may serve them): it reads run state that changes, or it has Python side
+    effects, which Dynamo replays on every call and a direct call would skip."""
+    run_state = reads_attributes(training_step, RUN_STATE_ATTRIBUTES)
+    if run_state:
+        return (f"training_step reads self.{'/'.join(run_state)}, which changes during the run; "
+                "torch.compile's guards check it on every call")
+    effects = python_side_effects(training_step)
+    if effects:
+        return (f"training_step {', '.join(effects)}: a Python side effect that torch.compile replays on every "
+                "call and a direct call would skip")
+    return ""
+
+
 def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
     """One fused step (and its log layout) per optimizer, or ``({}, {})`` with reasons added."""
     from fastloop.step.compiled import LogLayout, make_loss_fn
@@ -134,8 +149,7 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
     module = trainer.module
     names = {id(p): n for n, p in module.named_parameters()}
     several = len(trainer.optimizers) > 1
-    direct_call = trainer.config.compile.direct_call
-    run_state = reads_attributes(module.training_step, RUN_STATE_ATTRIBUTES)
+    guarded_because = direct_call_blocker(module.training_step) if trainer.config.compile.direct_call else ""
     fused, layouts = {}, {}
     for idx, optimizer in enumerate(trainer.optimizers):
         owned = [p for group in optimizer.param_groups for p in group["params"]]
@@ -151,14 +165,14 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             accumulate=trainer.accumulate_grad_batches, compile=True,
             inductor_config=trainer.config.compile.inductor_config,
             precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
-            step_on_device=target_mode(trainer) == "cudagraph", direct_call=direct_call and not run_state,
+            step_on_device=target_mode(trainer) == "cudagraph",
+            direct_call=trainer.config.compile.direct_call and not guarded_because,
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")
             return {}, {}
-        if direct_call and run_state:
-            step.direct_reason = (f"training_step reads self.{'/'.join(run_state)}, which changes during the run; "
-                                  "torch.compile's guards check it on every call")
+        if guarded_because:
+            step.direct_reason = guarded_because
         fused[idx] = step
     return fused, layouts
 

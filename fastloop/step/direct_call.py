@@ -20,11 +20,14 @@ as their key matches the one the graph was built for:
   equal non-tensor leaves;
 * the module's ``training`` flag is unchanged.
 
-What the direct path does not re-check: other Python values the step read while it was traced
-(a hyperparameter kept as a Python float and changed later). The same contract holds for a
-replayed CUDA graph. The builder keeps ``training_step`` functions that read ``current_epoch``,
-``global_step`` or ``trainer`` on the guarded path (see ``step.build``), and
-``CompileConfig(direct_call=False)`` turns the direct path off altogether.
+What the direct path does not do: re-check other Python values the step read while it was
+traced (a hyperparameter kept as a Python float and changed later), or repeat the step's Python
+side effects, which Dynamo replays after every guarded call. The same contract holds for a
+replayed CUDA graph. The builder keeps a ``training_step`` that reads ``current_epoch``,
+``global_step`` or ``trainer``, or visibly changes Python state (attribute or global
+assignments, ``.append``/``.update``... on an attribute), on the guarded path
+(``step.build.direct_call_blocker``), and ``CompileConfig(direct_call=False)`` turns the
+direct path off altogether.
 """
 from __future__ import annotations
 

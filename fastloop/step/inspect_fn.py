@@ -40,5 +40,41 @@ def _code_reads_attribute(code: Any, name: str) -> bool:
     return any(_code_reads_attribute(const, name) for const in code.co_consts if inspect.iscode(const))
 
 
+# Methods that mutate the object they are called on (lists, dicts, sets, deques).
+_MUTATORS = frozenset({"append", "extend", "insert", "pop", "remove", "clear", "update", "setdefault",
+                       "add", "discard", "appendleft", "popleft"})
+
+
+def python_side_effects(fn: Callable[..., Any]) -> List[str]:
+    """Python state ``fn``'s body changes, as readable phrases (bytecode scan; nested functions
+    too): attribute and global assignments, and mutating methods (``append``, ``update``...)
+    called on an attribute or a global. Mutations of the function's own local containers are
+    not reported."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ["(not plain Python)"]
+    found: List[str] = []
+    _collect_side_effects(code, found)
+    return list(dict.fromkeys(found))
+
+
+def _collect_side_effects(code: Any, found: List[str]) -> None:
+    previous = None
+    for instruction in dis.get_instructions(code):
+        name = instruction.opname
+        if name in ("STORE_ATTR", "DELETE_ATTR"):
+            found.append(f"assigns .{instruction.argval}")
+        elif name in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            found.append(f"assigns the global {instruction.argval}")
+        elif (name in ("LOAD_METHOD", "LOAD_ATTR") and instruction.argval in _MUTATORS and previous is not None
+              and previous.opname in ("LOAD_ATTR", "LOAD_GLOBAL")):
+            found.append(f"calls .{previous.argval}.{instruction.argval}()")
+        previous = instruction
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            _collect_side_effects(const, found)
+
+
 def is_generator_function(fn: Callable[..., Any]) -> bool:
     return inspect.isgeneratorfunction(inspect.unwrap(getattr(fn, "__func__", fn)))
