@@ -101,6 +101,32 @@ def test_python_side_effects_in_training_step_happen_every_step():
     assert "assigns .calls" in train_step(trainer).fused[0].direct_reason
 
 
+class ScaledByAttribute(BoringModel):
+    """A plain tensor attribute (not a buffer) used by training_step and replaced mid-run."""
+
+    def __init__(self):
+        super().__init__(optimizer="adam")
+        self.scale = torch.tensor(2.0)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch) * self.scale
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            self.scale = torch.tensor(0.5)
+
+
+def test_direct_calls_see_a_replaced_module_tensor():
+    model = ScaledByAttribute()
+    reference = copy.deepcopy(model)
+    trainer = run(model, "compiled", random_loader(n=96, batch_size=16))
+    run(reference, "eager", random_loader(n=96, batch_size=16))
+    fused = train_step(trainer).fused[0]
+    # The call after the replacement went through torch.compile (no new graph), the rest direct.
+    assert (fused.calls, fused.direct_calls, fused.graph_count) == (6, 4, 1)
+    assert_close_models(model, reference)
+
+
 class ScalesByEpoch(BoringModel):
     def training_step(self, batch, batch_idx):
         return self.loss(batch) * (1.0 + self.current_epoch)

@@ -136,8 +136,8 @@ class DirectCall:
         try:
             gather = eval(f"lambda L: [{', '.join(graph.sources)}]", {})  # noqa: S307 - Dynamo's source text
             inputs = gather(names)
-        except Exception as exc:  # an unfamiliar source syntax: keep the guarded path
-            return None, f"the graph inputs could not be read back from the arguments ({type(exc).__name__})"
+        except Exception:  # an unfamiliar source syntax: keep the guarded path
+            return None, f"graph input {_first_unreadable(graph.sources, names)} is not read from the step's arguments"
         bad = next((s for s, v in zip(graph.sources, inputs) if not isinstance(v, Tensor)), None)
         if bad is not None:
             return None, f"graph input {bad} is not a tensor"
@@ -165,6 +165,15 @@ class DirectCall:
             if inputs[i] is not then:
                 return None
         return self._rebuild(self._fn(*inputs))
+
+
+def _first_unreadable(sources: List[str], names: Dict[str, Any]) -> str:
+    for source in sources:
+        try:
+            eval(f"lambda L: {source}", {})(names)  # noqa: S307 - Dynamo's source text
+        except Exception:
+            return source
+    return "?"
 
 
 class _NotRebuildable(Exception):

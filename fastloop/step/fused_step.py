@@ -261,6 +261,7 @@ class FusedStep:
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._fns: dict[bool, Callable] = {}
+        self._free_vars: dict[Callable, dict[str, Any]] = {}
         # Direct calls of the compiled graphs, by (function, CallKey.hashable); see direct_call.
         self._direct: dict[tuple, DirectCall] = {}
         self.calls = 0  # calls of run()
@@ -283,9 +284,12 @@ class FusedStep:
     def _fn(self, do_update: bool) -> Callable:
         fn = self._fns.get(do_update)
         if fn is None:
-            fn = _make_core(*self._core_args, do_update=do_update, **self._core_kwargs)
-            if self.compiled:
-                fn = compile_fullgraph(fn, self._backend)
+            core = _make_core(*self._core_args, do_update=do_update, **self._core_kwargs)
+            fn = compile_fullgraph(core, self._backend) if self.compiled else core
+            # Dynamo names tensors reached through the core's closure (a module's plain tensor
+            # attribute, say) from these free variables: a direct call reads them there too.
+            self._free_vars[fn] = dict(zip(core.__code__.co_freevars,
+                                           (cell.cell_contents for cell in core.__closure__ or ())))
             self._fns[do_update] = fn
         return fn
 
@@ -332,8 +336,8 @@ class FusedStep:
             with torch.no_grad():
                 return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
         # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
-        names = dict(train=train, frozen=frozen, buffers=buffers, grads=grads, opt_inputs=opt_inputs,
-                     new_window=flag, scaler_state=scaler_state, batch=batch)
+        names = dict(self._free_vars.get(fn, ()), train=train, frozen=frozen, buffers=buffers, grads=grads,
+                     opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state, batch=batch)
         key = CallKey(self.module, batch)
         slot = (fn, key.hashable)
         direct = self._direct.get(slot)
