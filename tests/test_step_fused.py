@@ -192,6 +192,31 @@ def test_accumulate_only_call_needs_accumulation():
         fused(x, y, step=False)
 
 
+def test_call_key_tells_apart_what_a_direct_call_depends_on():
+    import numpy as np
+
+    from fastloop.step.direct_call import CallKey
+
+    model = make_model()
+    x, y = torch.randn(4, IN), torch.arange(4)
+    key = CallKey(model, ((x, y), {"w": 0.5, "tag": "a"})).hashable
+    assert key == CallKey(model, ((x.clone(), y.clone()), {"w": 0.5, "tag": "a"})).hashable
+    assert hash(key) is not None
+    different = [
+        ((x[:3], y[:3]), {"w": 0.5, "tag": "a"}),  # shape
+        ((x.double(), y), {"w": 0.5, "tag": "a"}),  # dtype
+        ((x.t().contiguous().t(), y), {"w": 0.5, "tag": "a"}),  # strides
+        ((x, y), {"w": 0.25, "tag": "a"}),  # a non-tensor value the trace saw as a constant
+        [(x, y), {"w": 0.5, "tag": "a"}],  # container type
+    ]
+    for batch in different:
+        assert CallKey(model, batch).hashable != key
+    model.eval()
+    assert CallKey(model, ((x, y), {"w": 0.5, "tag": "a"})).hashable != key  # module mode
+    with pytest.raises(TypeError):  # the caller then takes the guarded path
+        hash(CallKey(model, (x, np.zeros(3))).hashable)
+
+
 # ------------------------------------------------------------ compiled (slow)
 @pytest.mark.compile
 def test_compiled_matches_reference_with_expected_graph_count():

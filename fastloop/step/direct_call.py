@@ -96,7 +96,8 @@ def _structure(obj: Any) -> Hashable:
 
 class CallKey:
     """What a direct call must match besides its persistent tensors: the module's mode and
-    the batch's structure, tensor metadata and other leaves."""
+    the batch's structure, tensor metadata and other leaves. ``hashable`` is not hashable when
+    a leaf is not (a numpy array): the caller then takes the guarded path."""
 
     __slots__ = ("hashable",)
 

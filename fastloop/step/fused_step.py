@@ -338,9 +338,12 @@ class FusedStep:
         # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
         names = dict(self._free_vars.get(fn, ()), train=train, frozen=frozen, buffers=buffers, grads=grads,
                      opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state, batch=batch)
-        key = CallKey(self.module, batch)
-        slot = (fn, key.hashable)
-        direct = self._direct.get(slot)
+        slot = (fn, CallKey(self.module, batch).hashable)
+        try:
+            direct = self._direct.get(slot)
+        except TypeError:  # an unhashable batch leaf (say a numpy array): this call stays guarded
+            with torch.no_grad():
+                return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
         with torch.no_grad():
             if direct is not None:
                 out = direct(names)
