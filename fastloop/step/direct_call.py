@@ -4,17 +4,20 @@ Why: for small models torch.compile's per-call machinery costs as much as the gr
 Measured on the 2-core CPU VM (tiny MLP 32-64-10, Adam, batch 64): a fused step took ~460 µs
 through ``torch.compile``'s wrapper, of which the compiled graph (AOTAutograd runtime wrapper
 plus inductor's code) was ~205 µs; the rest is the frame hook, the guard tree over the ~20
-tensor inputs and the bytecode Dynamo wraps around the graph.
+tensor inputs and the bytecode Dynamo wraps around the graph. ``benchmarks/fused_step_speed.py``
+compares both ways of calling.
 
 How: ``CountingBackend`` wraps each graph it compiles in a :class:`CompiledGraph` that keeps
-where Dynamo found each input (its source, e.g. ``L['grads'][0]``) and the outputs of its last
-call. After a call through Dynamo, :meth:`DirectCall.build` turns the sources into accessors
-over the step's arguments and matches the leaves of the value the step returned to the graph's
-outputs by identity. Later calls are served by ``CompiledGraph.fn(*inputs)`` directly, as long
-as their key matches the one the graph was built for:
+where Dynamo found each input (its source, e.g. ``L['grads'][0]``, or a chain through the step's
+closure for a module's plain tensor attribute) and, while a direct call is being built, the
+outputs of its last call. After a call through Dynamo, :meth:`DirectCall.build` turns the
+sources into one generated expression over the step's arguments and free variables, and the
+value the step returned into another that rebuilds it from the graph's outputs (matched by
+identity). Later calls are served by ``CompiledGraph.fn(*inputs)`` directly, as long as their
+key matches the one the graph was built for:
 
-* the persistent inputs (parameters, gradients, optimizer state, scalar table) are the same
-  tensor objects (a ``load_state_dict`` or ``zero_grad(set_to_none=True)`` that replaced one
+* the persistent inputs (parameters, gradients, optimizer state, scalar table, tensors reached
+  through the closure) are the same tensor objects (a ``load_state_dict`` or ``zero_grad(set_to_none=True)`` that replaced one
   sends the next call through Dynamo, which re-checks and may recompile);
 * the batch has the same structure and the same shape/stride/dtype/device per tensor, and
   equal non-tensor leaves;
