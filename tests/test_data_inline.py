@@ -1,4 +1,5 @@
-"""Small batches are gathered by the C++ code in the caller, without a worker thread."""
+"""Small batches: gathered a chunk at a time (one worker-thread handoff per chunk), or, for the
+pinned ring's one-batch slots, copied by the C++ code in the caller."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from fastloop.data import TensorLoader
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.reason()}")
 
 
-def test_small_batches_are_copied_inline_and_match_the_fallback():
+def test_small_batches_use_one_worker_thread_and_match_the_fallback():
     x = torch.arange(200 * 3, dtype=torch.float32).reshape(200, 3)
     y = torch.arange(200)
     native = TensorLoader(x, y, batch_size=16, shuffle=True, seed=3)
@@ -16,9 +17,40 @@ def test_small_batches_are_copied_inline_and_match_the_fallback():
     assert native.batch_bytes < 64 * 1024
     workers_before = _ext.load().live_workers()
     for _ in range(2):
-        for (a, b), (c, d) in zip(native, python):
+        it = iter(native)
+        assert it._per_job > 1 and _ext.load().live_workers() == workers_before + 1
+        for (a, b), (c, d) in zip(it, python):
             assert torch.equal(a, c) and torch.equal(b, d)
-            assert _ext.load().live_workers() == workers_before  # no thread was started
+        assert _ext.load().live_workers() == workers_before  # joined at the end of the epoch
+    it = iter(native)
+    next(it)
+    del it  # abandoned mid-epoch: the worker is joined when the iterator goes away
+    import gc
+
+    gc.collect()
+    assert _ext.load().live_workers() == workers_before
+
+
+def test_inline_gatherer_copies_in_the_caller_and_matches_the_fallback():
+    from fastloop.data._buffers import FreshBuffers
+    from fastloop.data._gather import InlineNativeGatherer, PythonGatherer
+
+    x = torch.randn(200, 3)
+    y = torch.arange(200)
+    order = torch.randperm(200)
+    workers_before = _ext.load().live_workers()
+    inline, python = InlineNativeGatherer([x, y], 2, _ext.load()), PythonGatherer([x, y], 2)
+    buffers = FreshBuffers([x, y])
+    for start in range(0, 200, 16):
+        n = min(16, 200 - start)
+        got, want = buffers.take(n), buffers.take(n)
+        inline.submit(got, order, start, n)
+        python.submit(want, order, start, n)
+        inline.wait()
+        python.wait()
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(got[1], order[start:start + n])
+        assert _ext.load().live_workers() == workers_before  # no thread was started
 
 
 @pytest.mark.parametrize("backend", ["native", "python"])

@@ -30,14 +30,15 @@ from fastloop import _ext
 from fastloop.data._buffers import FreshBuffers, RingBuffers
 from fastloop.data._gather import InlineNativeGatherer, NativeGatherer, PythonGatherer
 
-# Batches smaller than this are copied in the caller by the C++ code: a thread handoff
-# (two condition-variable wake-ups) costs more than copying a few kilobytes. Measured with
-# benchmarks/data_wait.py: batch 64 x 32 floats waited 11 % of the step with the worker
-# thread and 3.5 % with an in-caller copy on the 2-core CI machine.
+# Batches smaller than this are "small": a thread handoff per batch (two condition-variable
+# wake-ups) costs more than copying a few kilobytes (benchmarks/data_wait.py, batch 64 x 32
+# floats: 11 % of the step waited with a handoff per batch, 3.5 % with an in-caller copy).
+# So small batches are gathered several at a time: one allocation per source and one copy job
+# for up to CHUNK_BYTES, split into batches (views), with one handoff per chunk to the worker
+# thread, which then gathers while the step runs (compiled tiny-MLP fit, 2 x 5 runs: data wait
+# 3.6 % of the step against 4.3 % with the chunk copied in the caller). Small batches for the
+# pinned ring (one batch per slot) are copied in the caller.
 INLINE_BATCH_BYTES = 64 * 1024
-# Small batches are also gathered several at a time: one allocation per source and one copy
-# call for up to this many bytes, then split into batches (views). A batch's own fixed costs
-# (two torch.empty, one extension call: ~15 µs together on the 2-core VM) dwarf copying 8 KiB.
 CHUNK_BYTES = 256 * 1024
 MAX_BATCHES_PER_CHUNK = 32
 from fastloop.data._order import epoch_order, num_batches, shard_size
@@ -277,7 +278,7 @@ class _EpochIterator(Iterator[Batch]):
             self._buffers: Any = RingBuffers(loader.tensors, self._bs, self._prefetch, pin=True)
         else:
             self._buffers = FreshBuffers(loader.tensors)
-        if loader._ext is not None and small:
+        if loader._ext is not None and small and self._per_job == 1:
             self._gatherer: Any = InlineNativeGatherer(loader.tensors, self._prefetch, loader._ext)
         elif loader._ext is not None:
             self._gatherer = NativeGatherer(loader.tensors, self._prefetch, loader._ext)
