@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["CallKey", "CompiledGraph", "DirectCall", "graph_input_sources"]
+__all__ = ["CompiledGraph", "DirectCall", "call_key", "graph_input_sources"]
 
 # Roots of the argument sources that change from call to call; everything else is persistent.
 _VARYING_ROOTS = ("L['batch']", "L['new_window']")
@@ -97,15 +97,11 @@ def _structure(obj: Any) -> Hashable:
     return (str(spec), tuple(_structure(x) for x in leaves))
 
 
-class CallKey:
-    """What a direct call must match besides its persistent tensors: the module's mode and
-    the batch's structure, tensor metadata and other leaves. ``hashable`` is not hashable when
-    a leaf is not (a numpy array): the caller then takes the guarded path."""
-
-    __slots__ = ("hashable",)
-
-    def __init__(self, module: torch.nn.Module, batch: Any) -> None:
-        self.hashable: Hashable = (module.training, _structure(batch))
+def call_key(module: torch.nn.Module, batch: Any) -> Hashable:
+    """What a direct call must match besides its persistent tensors: the module's mode and the
+    batch's structure, tensor metadata and other leaves. Not hashable when a leaf is not (a
+    numpy array): the caller then takes the guarded path."""
+    return module.training, _structure(batch)
 
 
 class DirectCall:
@@ -117,7 +113,6 @@ class DirectCall:
 
     def __init__(self, graph: CompiledGraph, gather: Callable[[dict], List[Tensor]], persistent: List[int],
                  rebuild: Callable[[Any], Any]) -> None:
-        self.graph = graph
         self._fn = graph.fn
         self._gather = gather
         self._persistent_idx = persistent
@@ -159,7 +154,7 @@ class DirectCall:
         return direct, ""
 
     def __call__(self, names: Dict[str, Any]) -> Optional[Any]:
-        """Run the graph on ``names``, whose ``CallKey`` the caller matched already;
+        """Run the graph on ``names``, whose ``call_key`` the caller matched already;
         None (nothing ran) when a persistent input was replaced."""
         try:
             inputs = self._gather(names)

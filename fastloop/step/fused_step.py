@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ._compile import CountingBackend, compile_fullgraph
-from .direct_call import CallKey, DirectCall
+from .direct_call import DirectCall, call_key
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
 from .precision import DeviceLossScaler, autocast
@@ -262,7 +262,7 @@ class FusedStep:
         self._false = torch.zeros((), dtype=torch.bool, device=device)
         self._fns: dict[bool, Callable] = {}
         self._free_vars: dict[Callable, dict[str, Any]] = {}
-        # Direct calls of the compiled graphs, by (function, CallKey.hashable); see direct_call.
+        # Direct calls of the compiled graphs, by (function, call_key); see direct_call.
         self._direct: dict[tuple, DirectCall] = {}
         self.calls = 0  # calls of run()
         self.direct_calls = 0  # of which served by a DirectCall
@@ -331,19 +331,18 @@ class FusedStep:
         when needed, and the graph it ran becomes the direct call for that key.
         """
         train, frozen, buffers, grads, opt_inputs, scaler_state, flag, batch = args
+        in_order = (train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)  # fn's signature
         self.calls += 1
-        if self.direct_reason:
-            with torch.no_grad():
-                return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
-        # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
-        names = dict(self._free_vars.get(fn, ()), train=train, frozen=frozen, buffers=buffers, grads=grads,
-                     opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state, batch=batch)
-        slot = (fn, CallKey(self.module, batch).hashable)
-        try:
-            direct = self._direct.get(slot)
-        except TypeError:  # an unhashable batch leaf (say a numpy array): this call stays guarded
-            with torch.no_grad():
-                return self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+        slot = direct = names = None
+        if not self.direct_reason:
+            # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
+            names = dict(self._free_vars.get(fn, ()), train=train, frozen=frozen, buffers=buffers, grads=grads,
+                         opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state, batch=batch)
+            slot = (fn, call_key(self.module, batch))
+            try:
+                direct = self._direct.get(slot)
+            except TypeError:  # an unhashable batch leaf (say a numpy array): this call stays guarded
+                slot = None
         with torch.no_grad():
             if direct is not None:
                 out = direct(names)
@@ -351,9 +350,9 @@ class FusedStep:
                     self.direct_calls += 1
                     return out
             self._backend.last_invoked = None
-            out = self._run_guarded(fn, train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)
+            out = self._run_guarded(fn, *in_order)
         graph = self._backend.last_invoked
-        if graph is not None:
+        if slot is not None and graph is not None:
             direct, why = DirectCall.build(graph, names, out)
             graph.last_outputs = None
             if direct is None:
