@@ -101,7 +101,7 @@ void copy_chunk(Job& job, int64_t lo, int64_t hi) {
   }
   for (const Copy& c : job.copies) {
     for (int64_t i = lo; i < hi;) {
-        if (i + kPrefetchRows < hi) prefetch_row(c.src + job.idx[i + kPrefetchRows] * c.row_bytes, c.row_bytes);
+      if (i + kPrefetchRows < hi) prefetch_row(c.src + job.idx[i + kPrefetchRows] * c.row_bytes, c.row_bytes);
       int64_t run = 1;
       while (i + run < hi && job.idx[i + run] == job.idx[i] + run) ++run;
       std::memcpy(c.dst + i * c.row_bytes, c.src + job.idx[i] * c.row_bytes,

@@ -10,6 +10,7 @@ from torch.optim import lr_scheduler
 
 from fastloop import Callback, Trainer
 from fastloop.testing import BoringModel, random_loader
+from tests.test_compiled_mode import CountsCalls
 
 pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("no_mode_override")]
 RTOL, ATOL = 1e-4, 1e-5  # see test_compiled_parity.py for why
@@ -85,17 +86,10 @@ def test_smaller_last_batch_costs_one_more_graph_and_no_recompile_storm():
     assert_close_models(model, reference)
 
 
-class CountsCalls(BoringModel):
-    def training_step(self, batch, batch_idx):
-        self.calls += 1
-        return self.loss(batch)
-
-
 def test_python_side_effects_in_training_step_happen_every_step():
     """A direct graph call would skip ``self.calls += 1``; such steps stay behind the guards,
     where torch.compile replays the side effect on every call."""
     model = CountsCalls(optimizer="adam")
-    model.calls = 0
     trainer = run(model, "compiled")
     assert model.calls == trainer.global_step == 4
     assert "assigns .calls" in train_step(trainer).fused[0].direct_reason
