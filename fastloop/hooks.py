@@ -47,6 +47,10 @@ class HookDispatcher:
         self._module_overrides = {
             name for name in dir(Module) if not name.startswith("_") and is_overridden(name, module, Module)
         }
+        # Hooks that run any code at all; ``call`` returns at once for the others.
+        self._dispatched = {
+            name for name in CALLBACK_HOOKS if self._callback_methods[name] or name in self._module_overrides
+        }
 
     def overridden_by(self, name: str) -> List[str]:
         """Names of the classes (callbacks, then the module) that override hook ``name``."""
@@ -61,16 +65,18 @@ class HookDispatcher:
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Callbacks first, then the module; returns the module hook's result.
 
-        The module's defaults for these hooks do nothing, so a hook that neither the module nor
-        any callback overrides is skipped without a call.
+        The module's defaults for these hooks do nothing, so they are not called: a hook that
+        neither the module nor any callback overrides costs one set lookup.
         """
-        if not self._callback_methods[name] and name not in self._module_overrides:
+        if name not in self._dispatched:
             return None
         previous, self.current_hook = self.current_hook, name
         try:
             for method in self._callback_methods[name]:
                 method(self.trainer, self.module, *args, **kwargs)
-            return getattr(self.module, name)(*args, **kwargs)
+            if name in self._module_overrides:
+                return getattr(self.module, name)(*args, **kwargs)
+            return None
         finally:
             self.current_hook = previous
 

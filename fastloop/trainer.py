@@ -108,6 +108,7 @@ class Trainer:
         self.optimizer_wrappers: List[LoopOptimizer] = []
         self.lr_scheduler_configs: List[SchedulerConfig] = []
         self.optimizer_frequencies: List[int] = []
+        self._all_optimizers: Tuple[Any, Tuple[Tuple[int, Optimizer], ...]] = (None, ())  # see active_optimizers
         self.train_data: Optional[StageData] = None
         self.val_check_batch: Union[int, float] = math.inf
         self._running_fit_loop: Optional[FitLoop] = None
@@ -339,6 +340,16 @@ class Trainer:
 
     def active_optimizer_indices(self, batch_idx: int) -> List[int]:
         return active_optimizer_indices(len(self.optimizers), self.optimizer_frequencies, batch_idx)
+
+    def active_optimizers(self, batch_idx: int) -> Tuple[Tuple[int, Optimizer], ...]:
+        """``(optimizer_idx, optimizer)`` for each optimizer that runs on batch ``batch_idx``."""
+        optimizers = self.optimizers
+        if self.optimizer_frequencies:
+            return tuple((i, optimizers[i]) for i in self.active_optimizer_indices(batch_idx))
+        # Every optimizer runs on every batch: reuse the pairs while the list is the same object.
+        if self._all_optimizers[0] is not optimizers:
+            self._all_optimizers = (optimizers, tuple(enumerate(optimizers)))
+        return self._all_optimizers[1]
 
     @property
     def should_accumulate(self) -> bool:

@@ -17,7 +17,6 @@ first step. ``YieldLoop`` is built from these alone.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -28,22 +27,32 @@ from fastloop.loops.base import Loop
 from fastloop.loops.progress import OptimizationProgress
 
 
-@dataclass
 class StepOutput:
-    """What one optimizer's ``training_step`` produced, as the loop and hooks see it."""
+    """What one optimizer's ``training_step`` produced, as the loop and hooks see it.
 
-    closure_loss: Optional[Tensor]  # divided by accumulate_grad_batches; what backward uses
-    extra: Dict[str, Any] = field(default_factory=dict)
-    loss: Optional[Tensor] = field(init=False)  # closure_loss detached: what hooks see
+    ``closure_loss`` is divided by ``accumulate_grad_batches`` and is what backward uses;
+    ``loss`` is it detached (what hooks see); ``extra`` holds the other entries of a dict output.
+    A plain class with slots: one is built per optimizer per batch.
+    """
 
-    def __post_init__(self) -> None:
-        self.loss = None if self.closure_loss is None else self.closure_loss.detach()
+    __slots__ = ("closure_loss", "extra", "loss")
+
+    def __init__(self, closure_loss: Optional[Tensor], extra: Optional[Dict[str, Any]] = None) -> None:
+        self.closure_loss = closure_loss
+        self.extra: Dict[str, Any] = {} if extra is None else extra
+        self.loss: Optional[Tensor] = None if closure_loss is None else closure_loss.detach()
+
+    def __repr__(self) -> str:
+        return f"StepOutput(loss={self.loss!r}, extra={self.extra!r})"
 
     @classmethod
     def from_training_step_output(cls, output: Any, accumulate: int) -> "StepOutput":
-        if output is None:
+        extra: Optional[Dict[str, Any]] = None
+        if isinstance(output, Tensor):
+            loss = output
+        elif output is None:
             return cls(None)
-        if isinstance(output, dict):
+        elif isinstance(output, dict):
             if "loss" not in output:
                 raise ValueError(
                     "In automatic optimization, `training_step` returned a dict without a 'loss' key "
@@ -51,8 +60,6 @@ class StepOutput:
                 )
             loss = output["loss"]
             extra = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in output.items() if k != "loss"}
-        elif isinstance(output, Tensor):
-            loss, extra = output, {}
         else:
             raise TypeError(
                 f"In automatic optimization, `training_step` must return a Tensor, a dict with 'loss', or None "
@@ -134,6 +141,43 @@ class OptimizerLoop(Loop):
         return len(self.trainer.optimizers) > 1
 
     # ------------------------------------------------------------------ skeleton
+    def run(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> Dict[int, Dict[str, Any]]:
+        """``Loop.run``; for this exact class written out with ``reset``, ``on_run_start``,
+        ``done``, ``advance`` and ``on_run_end`` inlined, because it runs once per batch.
+
+        Subclasses (``YieldLoop``, users' loops) run the generic skeleton with their overrides.
+        ``tests/test_inlined_loops.py`` checks that both give the same calls, outputs and state.
+        """
+        if type(self) is not OptimizerLoop:
+            return super().run(batch, optimizers, batch_idx)
+        progress = self.optim_progress
+        if self._restarting:  # reset
+            progress.reset_on_restart()
+        else:
+            progress.optimizer_position = 0
+        self._outputs = outputs = {}
+        self._indices, self._optimizers = indices, optimizer_list = tuple(zip(*optimizers)) or ((), ())
+        count = len(optimizer_list)
+        if progress.optimizer_position >= count:  # on_run_start
+            progress.optimizer_position = 0
+        train_step = self.train_step
+        try:
+            while progress.optimizer_position < count:  # done
+                position = progress.optimizer_position  # advance
+                if train_step is None:
+                    raise RuntimeError(f"{type(self).__name__}.setup() did not run: it builds the training step")
+                opt_idx = indices[position]
+                result = train_step(batch, batch_idx, opt_idx, optimizer_list[position])
+                if result.closure_loss is not None:
+                    outputs[opt_idx] = result.asdict()
+                progress.optimizer_position = position + 1
+                self._restarting = False
+        except StopIteration:
+            pass
+        self._restarting = False
+        self._outputs = {}  # on_run_end
+        return outputs
+
     @property
     def done(self) -> bool:
         return self.optim_progress.optimizer_position >= len(self._optimizers)
@@ -147,8 +191,7 @@ class OptimizerLoop(Loop):
         self._outputs = {}
 
     def on_run_start(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> None:
-        self._indices = tuple(i for i, _ in optimizers)
-        self._optimizers = tuple(o for _, o in optimizers)
+        self._indices, self._optimizers = tuple(zip(*optimizers)) or ((), ())
         if self.done:
             self.optim_progress.optimizer_position = 0
 

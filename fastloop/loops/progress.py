@@ -101,6 +101,17 @@ class Progress(BaseProgress):
         except AttributeError:
             raise TypeError(f"{type(self.total).__name__} has no `started` counter") from None
 
+    def increment_ready_started(self) -> None:
+        """``increment_ready`` then ``increment_started``, where no hook runs between them."""
+        try:
+            total, current = self.total, self.current
+            total.ready += 1
+            current.ready += 1
+            total.started += 1  # type: ignore[attr-defined]
+            current.started += 1  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"{type(self.total).__name__} has no `started` counter") from None
+
     def increment_processed(self) -> None:
         try:
             self.total.processed += 1  # type: ignore[attr-defined]

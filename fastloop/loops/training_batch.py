@@ -23,6 +23,21 @@ class TrainingBatchLoop(Loop):
     ) -> None:
         super().connect(optimizer_loop=optimizer_loop, manual_loop=manual_loop)
 
+    def run(self, batch: Any, batch_idx: int) -> Any:
+        """``Loop.run``; for this exact class written out with ``reset``, ``done``, ``advance``
+        and ``on_run_end`` inlined, because it runs once per batch. Subclasses run the generic
+        skeleton with their overrides."""
+        if type(self) is not TrainingBatchLoop:
+            return super().run(batch, batch_idx)
+        self._done, self._output = False, None  # reset
+        try:
+            self.advance(batch, batch_idx)
+            self._restarting = False
+        except StopIteration:
+            pass
+        self._restarting = False
+        return self._output
+
     @property
     def done(self) -> bool:
         return self._done
@@ -34,7 +49,7 @@ class TrainingBatchLoop(Loop):
     def advance(self, batch: Any, batch_idx: int) -> None:
         trainer = self.trainer
         if trainer.module.automatic_optimization:
-            optimizers = [(i, trainer.optimizers[i]) for i in trainer.active_optimizer_indices(batch_idx)]
+            optimizers = trainer.active_optimizers(batch_idx)
             outputs = self.optimizer_loop.run(batch, optimizers, batch_idx)
             # One optimizer: its output dict; several: a list in optimizer order.
             if len(trainer.optimizers) == 1:

@@ -57,7 +57,7 @@ class TrainingEpochLoop(Loop):
     @property
     def global_step(self) -> int:
         batch_loop = self.batch_loop
-        return (batch_loop.optimizer_loop.optim_progress.optimizer_steps
+        return (batch_loop.optimizer_loop.optim_progress.optimizer.step.total.completed
                 + batch_loop.manual_loop.optim_step_progress.total.completed)
 
     @property
@@ -69,13 +69,13 @@ class TrainingEpochLoop(Loop):
         return self.min_steps is None or self.global_step >= self.min_steps
 
     def _num_ready_batches_reached(self) -> bool:
-        ready = self.batch_progress.current.ready
-        return ready >= self.trainer.num_training_batches or self.batch_progress.is_last_batch
+        progress = self.batch_progress
+        return progress.is_last_batch or progress.current.ready >= self.trainer.num_training_batches
 
     # ---------------------------------------------------------------- skeleton
     @property
     def done(self) -> bool:
-        if self.max_steps_reached or self._num_ready_batches_reached():
+        if self._num_ready_batches_reached() or self.max_steps_reached:
             return True
         return self.trainer.should_stop and self.min_steps_met
 
@@ -92,28 +92,30 @@ class TrainingEpochLoop(Loop):
 
     def advance(self, fetcher: DataFetcher) -> None:
         trainer = self.trainer
-        batch_idx = self.batch_progress.current.ready
+        hooks = trainer.hooks
+        progress = self.batch_progress
+        batch_idx = progress.current.ready
         batch = next(fetcher)  # StopIteration ends the epoch
-        self.batch_progress.is_last_batch = fetcher.done
+        progress.is_last_batch = fetcher.done
         batch = trainer.data.transfer(batch, 0)
         trainer.metrics.current_batch = batch
-        self.batch_progress.increment_ready()
+        progress.increment_ready()
 
-        if trainer.hooks.call("on_train_batch_start", batch, batch_idx) == -1:
-            self.batch_progress.increment_processed()
+        if hooks.call("on_train_batch_start", batch, batch_idx) == -1:
+            progress.increment_processed()
             raise StopIteration
-        self.batch_progress.increment_started()
+        progress.increment_started()
 
         outputs = self.batch_loop.run(batch, batch_idx)
-        self.batch_progress.increment_processed()
+        progress.increment_processed()
 
         self.update_lr_schedulers("step", update_plateau_schedulers=False)
         if self._num_ready_batches_reached():
             self.update_lr_schedulers("epoch", update_plateau_schedulers=False)
 
-        trainer.hooks.call("on_train_batch_end", outputs, batch, batch_idx)
-        self.batch_progress.increment_completed()
-        if trainer.hooks.module_overrides("training_epoch_end"):
+        hooks.call("on_train_batch_end", outputs, batch, batch_idx)
+        progress.increment_completed()
+        if hooks.module_overrides("training_epoch_end"):
             self._outputs.append(outputs)
 
     def on_advance_end(self) -> None:
@@ -133,9 +135,10 @@ class TrainingEpochLoop(Loop):
     def _should_accumulate(self) -> bool:
         """True while gradients of this batch are only accumulated (no optimizer step)."""
         trainer = self.trainer
-        if not trainer.module.automatic_optimization:
+        accumulate = trainer.config.optimization.accumulate_grad_batches
+        if accumulate == 1 or not trainer.module.automatic_optimization:
             return False
-        window_done = self.batch_progress.current.ready % trainer.accumulate_grad_batches == 0
+        window_done = self.batch_progress.current.ready % accumulate == 0
         return not (window_done or self._num_ready_batches_reached())
 
     def _should_check_val(self) -> bool:
@@ -157,7 +160,7 @@ class TrainingEpochLoop(Loop):
     def update_lr_schedulers(self, interval: str, update_plateau_schedulers: bool) -> None:
         """Step the schedulers of ``interval`` whose optimizer ran in this batch."""
         trainer = self.trainer
-        if not trainer.module.automatic_optimization or not trainer.lr_scheduler_configs:
+        if not trainer.lr_scheduler_configs or not trainer.module.automatic_optimization:
             return
         if interval == "step" and self._should_accumulate():
             return
