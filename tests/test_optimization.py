@@ -367,3 +367,32 @@ def test_lbfgs_gets_the_closure_and_matches_a_raw_loop():
             return loss
         opt.step(closure)
     assert_same_params(model, reference)
+
+
+def test_direct_step_clears_grads_like_zero_grad_and_keeps_a_subclass_zero_grad():
+    """The direct eager step sets every ``.grad`` to None itself (``clear_grads``), as torch's
+    ``zero_grad()`` does; an optimizer subclass may override ``zero_grad``, so it keeps its own."""
+    from fastloop.step.eager import DirectEagerStep, clear_grads
+
+    model = BoringModel()
+    opt = model.configure_optimizers()
+    model.loss(next(iter(random_loader()))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    clear_grads(opt)
+    assert all(p.grad is None for p in model.parameters())
+
+    calls: List[int] = []
+
+    class CountingSGD(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(1)
+            super().zero_grad(set_to_none)
+
+    class Model(BoringModel):
+        def configure_optimizers(self):
+            return CountingSGD(self.parameters(), lr=0.1)
+
+    t = trainer(max_epochs=1, limit_train_batches=3)
+    t.fit(Model(), random_loader())
+    assert not isinstance(t.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step, DirectEagerStep)
+    assert calls == [1, 1, 1]

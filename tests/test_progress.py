@@ -15,9 +15,19 @@ def test_increments_bump_total_and_current():
     assert p.current == ProcessedTracker() and p.total.completed == 1
 
 
+def test_increment_ready_started_equals_the_two_increments():
+    both, one_by_one = Progress.from_defaults(StartedTracker), Progress.from_defaults(StartedTracker)
+    both.increment_ready_started()
+    one_by_one.increment_ready()
+    one_by_one.increment_started()
+    assert both == one_by_one and both.total == StartedTracker(ready=1, completed=0, started=1)
+
+
 def test_missing_counter_is_a_type_error():
     with pytest.raises(TypeError, match="no `started` counter"):
         Progress.from_defaults(ReadyCompletedTracker).increment_started()
+    with pytest.raises(TypeError, match="no `started` counter"):
+        Progress.from_defaults(ReadyCompletedTracker).increment_ready_started()
     with pytest.raises(ValueError):
         Progress(total=ReadyCompletedTracker(), current=StartedTracker())
 
