@@ -3,7 +3,7 @@
 1. The loops alone: a fit whose optimizer step is replaced by a function returning a constant
    (fetching, counters, hooks, the loop skeleton, no model work).
 2. The eager step's own bookkeeping: the time inside ``DirectEagerStep.__call__`` against a
-   bare step that only runs zero_grad, training_step, backward and optimizer.step.
+   bare step that only runs clear_grads, training_step, backward and optimizer.step.
 
 Both isolate fastloop's work from model compute, which whole-step ratios cannot do on a noisy
 shared machine. Run: ``python benchmarks/loop_overhead.py``.
@@ -19,7 +19,7 @@ from torch import nn
 import fastloop.step.build as build
 from fastloop import Callback, Module, Trainer
 from fastloop.loops.optimizer import StepOutput
-from fastloop.step.eager import DirectEagerStep
+from fastloop.step.eager import DirectEagerStep, clear_grads
 
 N = 3000
 
@@ -61,7 +61,7 @@ class BareStep:
         self.loop = loop
 
     def __call__(self, batch, batch_idx, opt_idx, optimizer):
-        optimizer.zero_grad()
+        clear_grads(optimizer)  # as DirectEagerStep does: the difference is bookkeeping only
         loss = self.loop.trainer.module.training_step(batch, batch_idx)
         loss.backward()
         optimizer.step()

@@ -108,7 +108,6 @@ class Trainer:
         self.optimizer_wrappers: List[LoopOptimizer] = []
         self.lr_scheduler_configs: List[SchedulerConfig] = []
         self.optimizer_frequencies: List[int] = []
-        self._all_optimizers: Tuple[Any, Tuple[Tuple[int, Optimizer], ...]] = (None, ())  # see active_optimizers
         self.train_data: Optional[StageData] = None
         self.val_check_batch: Union[int, float] = math.inf
         self._running_fit_loop: Optional[FitLoop] = None
@@ -346,10 +345,7 @@ class Trainer:
         optimizers = self.optimizers
         if self.optimizer_frequencies:
             return tuple((i, optimizers[i]) for i in self.active_optimizer_indices(batch_idx))
-        # Every optimizer runs on every batch: reuse the pairs while the list is the same object.
-        if self._all_optimizers[0] is not optimizers:
-            self._all_optimizers = (optimizers, tuple(enumerate(optimizers)))
-        return self._all_optimizers[1]
+        return tuple(enumerate(optimizers))
 
     @property
     def should_accumulate(self) -> bool:

@@ -1,7 +1,6 @@
 """The built-in ``TrainingBatchLoop`` and ``OptimizerLoop`` write ``Loop.run`` out inline (they run
 once per batch). A trivial subclass of each runs the generic skeleton instead, so fitting with
 and without such subclasses must give the same calls, counters, outputs, parameters and state."""
-import copy
 from typing import Any, List
 
 import pytest
@@ -163,7 +162,8 @@ def test_active_optimizers_follow_a_replaced_optimizer_list():
     first, second = (torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
     trainer.optimizers = [first]
     assert trainer.active_optimizers(0) == ((0, first),)
-    assert trainer.active_optimizers(1) is trainer.active_optimizers(0)  # reused while the list is the same
+    trainer.optimizers.append(second)  # changed in place: seen at the next batch
+    assert trainer.active_optimizers(1) == ((0, first), (1, second))
     trainer.optimizers = [first, second]
     assert trainer.active_optimizers(5) == ((0, first), (1, second))
     trainer.optimizer_frequencies = [1, 2]

@@ -19,6 +19,10 @@
 
 Child loops are the attributes of a loop that are themselves loops; they receive the trainer,
 the ``restarting`` flag and their share of ``state_dict()`` (under dotted keys) automatically.
+
+``TrainingBatchLoop`` and ``OptimizerLoop`` run once per batch; for their exact classes
+``run`` is written out with their own hooks inlined (the same calls and state changes, without
+the no-op ones). Their subclasses run this generic skeleton.
 """
 from __future__ import annotations
 

@@ -153,8 +153,8 @@ class DirectEagerStep(EagerTrainStep):
 
     Chosen once per fit when no hook inside the step is overridden and every optimizer is a
     built-in one that calls its closure exactly once: then ``training_step``, zero_grad (first
-    batch of an accumulation window), backward, clipping and the torch step are exactly what
-    the generic path runs, minus the per-step plumbing.
+    batch of an accumulation window, done by ``clear_grads``), backward, clipping and the torch
+    step are exactly what the generic path runs, minus the per-step plumbing.
     """
 
     def __init__(self, loop: "OptimizerLoop") -> None:
