@@ -396,3 +396,19 @@ def test_direct_step_clears_grads_like_zero_grad_and_keeps_a_subclass_zero_grad(
     t.fit(Model(), random_loader())
     assert not isinstance(t.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step, DirectEagerStep)
     assert calls == [1, 1, 1]
+    assert "CountingSGD is not one of torch.optim's own classes" in t.explain()
+
+    patched = []
+
+    class PatchedModel(BoringModel):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            original = opt.zero_grad
+            opt.zero_grad = lambda set_to_none=True: (patched.append(1), original(set_to_none))
+            return opt
+
+    t = trainer(max_epochs=1, limit_train_batches=2)
+    t.fit(PatchedModel(), random_loader())
+    assert not isinstance(t.fit_loop.epoch_loop.batch_loop.optimizer_loop.train_step, DirectEagerStep)
+    assert patched == [1, 1]
+    assert "optimizer SGD has its own zero_grad (set on the instance)" in t.explain()

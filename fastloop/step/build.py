@@ -102,12 +102,14 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     mode = target_mode(trainer)
     if mode == "eager":
         _report(loop, requested, "eager", [])
-        return eager_train_step(loop)
+        loop.step_report.step = eager_train_step(loop)
+        return loop.step_report.step
     reasons = train_step_blockers(loop)
     fused = ({}, {}) if reasons else _build_fused(loop, reasons)
     if reasons:
         _report(loop, requested, "eager", reasons)
-        return eager_train_step(loop)
+        loop.step_report.step = eager_train_step(loop)
+        return loop.step_report.step
     from fastloop.step.compiled import CompiledTrainStep
 
     fused, layouts = fused

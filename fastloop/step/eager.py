@@ -26,8 +26,9 @@ class EagerTrainStep:
 
     mode = "eager"
 
-    def __init__(self, loop: "OptimizerLoop") -> None:
+    def __init__(self, loop: "OptimizerLoop", notes: Optional[List[str]] = None) -> None:
         self.loop = loop
+        self.notes: List[str] = list(notes or [])  # shown by ``trainer.explain()``
         self._warned_none = False
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
@@ -127,8 +128,13 @@ def direct_step_blocker(loop: "OptimizerLoop") -> Optional[str]:
         if trainer.hooks.overridden_by(hook):
             return f"{hook} is overridden"
     for opt in trainer.optimizers:
-        if not type(opt).__module__.startswith("torch.optim") or isinstance(opt, torch.optim.LBFGS):
-            return f"optimizer {type(opt).__name__} may call its closure other than once"
+        if isinstance(opt, torch.optim.LBFGS):
+            return "optimizer LBFGS calls its closure more than once"
+        if not type(opt).__module__.startswith("torch.optim"):
+            return (f"optimizer {type(opt).__name__} is not one of torch.optim's own classes (its step may "
+                    "call the closure other than once, its zero_grad may do more)")
+        if "zero_grad" in vars(opt):
+            return f"optimizer {type(opt).__name__} has its own zero_grad (set on the instance)"
     if trainer.config.precision != "32":
         return "mixed precision"
     return None
@@ -158,7 +164,8 @@ class DirectEagerStep(EagerTrainStep):
     """
 
     def __init__(self, loop: "OptimizerLoop") -> None:
-        super().__init__(loop)
+        super().__init__(loop, ["direct eager step: no hook inside the step is overridden; "
+                                "gradients are cleared with param.grad = None"])
         trainer = loop.trainer
         # Fixed for the fit this step is built for (steps are rebuilt by every entry point).
         self.module = trainer.module
@@ -204,5 +211,8 @@ class DirectEagerStep(EagerTrainStep):
 
 
 def eager_train_step(loop: "OptimizerLoop") -> EagerTrainStep:
-    """The direct eager step where it is equivalent, else the generic one."""
-    return DirectEagerStep(loop) if direct_step_blocker(loop) is None else EagerTrainStep(loop)
+    """The direct eager step where it is equivalent, else the generic one (noting why)."""
+    blocker = direct_step_blocker(loop)
+    if blocker is None:
+        return DirectEagerStep(loop)
+    return EagerTrainStep(loop, [f"eager step with every hook dispatched: {blocker}"])
