@@ -79,6 +79,11 @@ class StepOutput:
         return {"loss": self.loss, **self.extra}
 
 
+def split_pairs(optimizers: Sequence[Tuple[int, Optimizer]]) -> Tuple[Tuple[int, ...], Tuple[Optimizer, ...]]:
+    """``((0, a), (1, b))`` -> ``((0, 1), (a, b))``; two empty tuples for no optimizers."""
+    return tuple(zip(*optimizers)) or ((), ())  # type: ignore[return-value]
+
+
 def has_parameter(fn: Callable[..., Any], name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -156,7 +161,7 @@ class OptimizerLoop(Loop):
         else:
             progress.optimizer_position = 0
         self._outputs = outputs = {}
-        self._indices, self._optimizers = indices, optimizer_list = tuple(zip(*optimizers)) or ((), ())
+        self._indices, self._optimizers = indices, optimizer_list = split_pairs(optimizers)
         count = len(optimizer_list)
         if progress.optimizer_position >= count:  # on_run_start
             progress.optimizer_position = 0
@@ -191,7 +196,7 @@ class OptimizerLoop(Loop):
         self._outputs = {}
 
     def on_run_start(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> None:
-        self._indices, self._optimizers = tuple(zip(*optimizers)) or ((), ())
+        self._indices, self._optimizers = split_pairs(optimizers)
         if self.done:
             self.optim_progress.optimizer_position = 0
 
