@@ -345,7 +345,7 @@ class Trainer:
         optimizers = self.optimizers
         if self.optimizer_frequencies:
             return tuple((i, optimizers[i]) for i in self.active_optimizer_indices(batch_idx))
-        return tuple(enumerate(optimizers))
+        return tuple(enumerate(optimizers))  # every optimizer: the common case, read once per batch
 
     @property
     def should_accumulate(self) -> bool:

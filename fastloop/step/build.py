@@ -101,15 +101,11 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     requested = trainer.mode
     mode = target_mode(trainer)
     if mode == "eager":
-        _report(loop, requested, "eager", [])
-        loop.step_report.step = eager_train_step(loop)
-        return loop.step_report.step
+        return _eager(loop, requested, [])
     reasons = train_step_blockers(loop)
     fused = ({}, {}) if reasons else _build_fused(loop, reasons)
     if reasons:
-        _report(loop, requested, "eager", reasons)
-        loop.step_report.step = eager_train_step(loop)
-        return loop.step_report.step
+        return _eager(loop, requested, reasons)
     from fastloop.step.compiled import CompiledTrainStep
 
     fused, layouts = fused
@@ -125,6 +121,13 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     step = CompiledTrainStep(loop, fused, layouts)
     loop.step_report.step = step
     return step
+
+
+def _eager(loop: OptimizerLoop, requested: str, reasons: List[str]) -> Callable[..., Any]:
+    """The eager step, reported (with the fallback ``reasons``, if any) for ``explain()``."""
+    _report(loop, requested, "eager", reasons)
+    loop.step_report.step = eager_train_step(loop)
+    return loop.step_report.step
 
 
 def direct_call_blocker(training_step: Callable[..., Any]) -> str:
