@@ -47,3 +47,10 @@ def threaded_gather(monkeypatch):
     from fastloop.data import tensor_loader
 
     monkeypatch.setattr(tensor_loader, "INLINE_BATCH_BYTES", 0)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Trainers write logs and checkpoints under the working directory by default (as
+    Lightning's do): every test runs in its own empty one."""
+    monkeypatch.chdir(tmp_path)
