@@ -43,7 +43,8 @@ def measure(loader, mode: str = "eager", epochs: int = 3) -> tuple:
     timer = EpochTimer()
     fetcher_module.DataFetcher.__next__ = timed_next
     try:
-        trainer = Trainer(max_epochs=epochs, mode=mode, enable_progress_bar=False, callbacks=[timer])
+        trainer = Trainer(max_epochs=epochs, mode=mode, enable_progress_bar=False, callbacks=[timer],
+                          logger=False, enable_checkpointing=False, enable_model_summary=False)
 
         class LastEpoch(Callback):
             def on_train_epoch_start(self, trainer, pl_module):

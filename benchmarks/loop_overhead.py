@@ -75,7 +75,8 @@ def fit_us_per_step(step_factory=None) -> float:
     try:
         timer = EpochTimer()
         data = [(torch.ones(1),)] * N
-        Trainer(max_epochs=1, mode="eager", enable_progress_bar=False, callbacks=[timer]).fit(OneWeight(), data)
+        Trainer(max_epochs=1, mode="eager", enable_progress_bar=False, callbacks=[timer], logger=False,
+                enable_checkpointing=False, enable_model_summary=False).fit(OneWeight(), data)
         return timer.seconds / N * 1e6
     finally:
         build.eager_train_step = original

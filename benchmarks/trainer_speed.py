@@ -47,7 +47,7 @@ def raw_loop(module: BenchModule, data) -> float:
 def fastloop_fit(module: BenchModule, data, mode: str) -> float:
     timer = LastEpochTimer()
     Trainer(max_epochs=2, mode=mode, enable_progress_bar=False, num_sanity_val_steps=0,
-            callbacks=[timer]).fit(module, data)
+            callbacks=[timer], logger=False, enable_checkpointing=False, enable_model_summary=False).fit(module, data)
     return timer.seconds / len(data) * 1e6
 
 

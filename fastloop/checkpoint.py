@@ -48,13 +48,18 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a fastloop checkpoint (``weights_only=True``) and check its format version."""
+def load_checkpoint(path: str, map_location: Any = None) -> Dict[str, Any]:
+    """Read a fastloop checkpoint (``weights_only=True``) and check its format version.
+
+    ``map_location`` is torch.load's (a device, a dict of devices or a function); None loads
+    every tensor onto the CPU.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu" if map_location is None else map_location,
+                                weights_only=True)
     except Exception as exc:  # torch raises several types for damaged zip archives
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated and cannot be read: {exc}") from exc
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:

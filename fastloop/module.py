@@ -6,23 +6,34 @@ Override ``training_step`` and ``configure_optimizers`` (plus the ``*_dataloader
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+import builtins
+import os
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from fastloop import hparams as _hparams
+from fastloop.hparams import HyperparametersMixin
 from fastloop.optim import LoopOptimizer, clip_gradients
 
 if TYPE_CHECKING:
     from fastloop.trainer import Trainer
 
 
-class Module(nn.Module):
+# Reductions given as functions, by the name the metric logger takes.
+_REDUCE_FX_NAMES = ((torch.mean, "mean"), (torch.sum, "sum"), (torch.max, "max"), (torch.min, "min"),
+                    (builtins.sum, "sum"), (builtins.max, "max"), (builtins.min, "min"))
+
+
+class Module(HyperparametersMixin, nn.Module):
     """Base class for models trained by ``fastloop.Trainer``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._example_input_array: Optional[Union[Tensor, Tuple[Any, ...], Dict[str, Any]]] = None
         self._automatic_optimization = True
         self._trainer: Optional["Trainer"] = None
         self._param_requires_grad_state: Dict[Tensor, bool] = {}
@@ -51,6 +62,25 @@ class Module(nn.Module):
         return self._trainer.global_step if self._trainer is not None else 0
 
     @property
+    def logger(self) -> Any:
+        """The trainer's first logger (None without a trainer or a logger)."""
+        return getattr(self._trainer, "logger", None) if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> List[Any]:
+        """The trainer's loggers ([] without a trainer)."""
+        return getattr(self._trainer, "loggers", []) if self._trainer is not None else []
+
+    @property
+    def example_input_array(self) -> Optional[Union[Tensor, Tuple[Any, ...], Dict[str, Any]]]:
+        """What ``forward`` can take: a tensor (one argument), a tuple (positional) or a dict (keywords)."""
+        return self._example_input_array
+
+    @example_input_array.setter
+    def example_input_array(self, example: Optional[Union[Tensor, Tuple[Any, ...], Dict[str, Any]]]) -> None:
+        self._example_input_array = example
+
+    @property
     def device(self) -> torch.device:
         for tensor in self.parameters():
             return tensor.device
@@ -64,24 +94,99 @@ class Module(nn.Module):
         name: str,
         value: Any,
         prog_bar: bool = False,
-        logger: bool = True,
+        logger: Optional[bool] = None,
         on_step: Optional[bool] = None,
         on_epoch: Optional[bool] = None,
-        reduce_fx: str = "mean",
+        reduce_fx: Union[str, Callable[..., Any]] = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Optional[Any] = None,
+        add_dataloader_idx: bool = True,
         batch_size: Optional[int] = None,
-        **unused: Any,
+        metric_attribute: Optional[str] = None,
+        rank_zero_only: bool = False,
     ) -> None:
-        """Record a scalar. Defaults: per step in training steps, per epoch elsewhere."""
+        """Record a scalar. Defaults: per step in training steps, per epoch elsewhere.
+
+        Takes Lightning 1.x's arguments; on one process ``sync_dist``, ``sync_dist_group`` and
+        ``rank_zero_only`` change nothing. Without a trainer (a step called directly, as in a
+        unit test) it warns and does nothing, as Lightning does.
+        """
         if self._trainer is None:
-            raise RuntimeError(f"self.log({name!r}) was called outside a run: the module has no Trainer")
+            warnings.warn(f"self.log({name!r}) was called but the module is not attached to a Trainer: "
+                          "the value is dropped")
+            return
+        if logger is None:
+            logger = True
+        if not isinstance(reduce_fx, str):  # torch.mean & co. by name (identity tests also trace well)
+            reduce_fx = next((n for fn, n in _REDUCE_FX_NAMES if reduce_fx is fn), reduce_fx)
         self._trainer.metrics.log(
             name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
             reduce_fx=reduce_fx, batch_size=batch_size,
         )
 
-    def log_dict(self, dictionary: Dict[str, Any], **kwargs: Any) -> None:
+    def log_dict(
+        self,
+        dictionary: Dict[str, Any],
+        prog_bar: bool = False,
+        logger: Optional[bool] = None,
+        on_step: Optional[bool] = None,
+        on_epoch: Optional[bool] = None,
+        reduce_fx: Union[str, Callable[..., Any]] = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Optional[Any] = None,
+        add_dataloader_idx: bool = True,
+        batch_size: Optional[int] = None,
+        rank_zero_only: bool = False,
+    ) -> None:
+        """``self.log`` for each item of ``dictionary``, with the same options."""
         for name, value in dictionary.items():
-            self.log(name, value, **kwargs)
+            self.log(
+                name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
+                reduce_fx=reduce_fx, enable_graph=enable_graph, sync_dist=sync_dist,
+                sync_dist_group=sync_dist_group, add_dataloader_idx=add_dataloader_idx,
+                batch_size=batch_size, rank_zero_only=rank_zero_only,
+            )
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the global-zero process only (through the progress bar when it has one)."""
+        trainer = self._trainer
+        is_zero = getattr(trainer, "is_global_zero", None) if trainer is not None else None
+        if is_zero is None:
+            is_zero = os.environ.get("RANK", "0") == "0"
+        if not is_zero:
+            return
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if bar is not None and getattr(bar, "is_enabled", False) and hasattr(bar, "print"):
+            bar.print(*args, **kwargs)
+        else:
+            builtins.print(*args, **kwargs)
+
+    # ------------------------------------------------------------ inference
+    def freeze(self) -> None:
+        """Stop gradients to every parameter and switch to eval mode."""
+        for param in self.parameters():
+            param.requires_grad = False
+        self.eval()
+
+    def unfreeze(self) -> None:
+        """Let gradients reach every parameter again and switch to train mode."""
+        for param in self.parameters():
+            param.requires_grad = True
+        self.train()
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Union[str, "os.PathLike[str]"],
+        map_location: Any = None,
+        hparams_file: Optional[str] = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """A new module built from a checkpoint's hyperparameters (``kwargs`` override) and weights."""
+        return _hparams.load_from_checkpoint(cls, checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     # ------------------------------------------------------------- optimizers
     def optimizers(self, use_pl_optimizer: bool = True) -> Union[LoopOptimizer, Optimizer, List[Any]]:

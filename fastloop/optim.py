@@ -167,7 +167,11 @@ class LoopOptimizer:
         return self._optimizer
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
+        # Read through __dict__: copy/pickle call this on an instance whose __init__ has not run.
+        optimizer = self.__dict__.get("_optimizer")
+        if optimizer is None:
+            raise AttributeError(name)
+        return getattr(optimizer, name)
 
     def __repr__(self) -> str:
         return f"LoopOptimizer({self._optimizer!r})"

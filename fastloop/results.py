@@ -5,8 +5,9 @@ host-device synchronisation to a step. ``trainer.callback_metrics`` exposes the 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from fastloop.trainer import Trainer
 
 _REDUCTIONS = ("mean", "sum", "max", "min")
+_TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
 # Training hooks whose logs default to per-epoch values rather than per-step ones.
 _EPOCH_LEVEL_TRAIN_HOOKS = {
     "on_train_start", "on_train_end", "on_train_epoch_start", "on_train_epoch_end", "training_epoch_end",
@@ -42,6 +44,54 @@ class _Accumulator:
         return self.total / self.weight if self.reduce_fx == "mean" else self.total
 
 
+class _MetricObjectAccumulator:
+    """A torchmetrics ``Metric`` logged on epoch: its own state accumulates (the user calls it
+    in the step); at epoch end the value is ``compute()`` and the metric is ``reset()``, as in
+    Lightning."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+
+    def add(self, value: Any, batch_size: int) -> None:
+        self.metric = value
+
+    def compute(self) -> torch.Tensor:
+        value = self.metric.compute()
+        self.metric.reset()
+        return torch.as_tensor(value).detach()
+
+
+class _Computed:
+    """An epoch value already computed (a ``Metric`` after ``publish_epoch_values``)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def add(self, value: Any, batch_size: int) -> None:
+        raise RuntimeError("a torchmetrics Metric was logged again after its epoch value was computed")
+
+    def compute(self) -> torch.Tensor:
+        return self.value
+
+
+def is_metric_object(value: Any) -> bool:
+    """A torchmetrics ``Metric`` (checked without importing torchmetrics when it is not loaded)."""
+    module = sys.modules.get("torchmetrics")
+    return module is not None and isinstance(value, module.Metric)
+
+
+def _reduce_fx_name(name: str, reduce_fx: Any) -> str:
+    if isinstance(reduce_fx, str):
+        fx = reduce_fx.lower()
+    else:
+        fx = _TORCH_REDUCTIONS.get(reduce_fx)
+    if fx not in _REDUCTIONS:
+        raise ValueError(
+            f"self.log({name!r}): reduce_fx must be one of {_REDUCTIONS} or torch.mean/sum/max/min, got {reduce_fx!r}"
+        )
+    return fx
+
+
 def extract_batch_size(batch: Any) -> int:
     """Length of the first tensor found in the batch (1 when there is none)."""
     if isinstance(batch, torch.Tensor):
@@ -64,7 +114,13 @@ class MetricLogger:
         self.callback_metrics: Dict[str, torch.Tensor] = {}
         self.logged_metrics: Dict[str, torch.Tensor] = {}
         self.progress_bar_metrics: Dict[str, torch.Tensor] = {}
-        self._epoch: Dict[str, _Accumulator] = {}
+        self._epoch: Dict[str, Any] = {}  # key -> _Accumulator or _MetricObjectAccumulator
+        self._epoch_options: Dict[str, Tuple[bool, bool]] = {}  # key -> (logger, also logged on step)
+        # Values for loggers: the latest per-step ones of this training epoch, and the reduced
+        # ones of the last epoch end. They stay tensors until a logger is due (no host sync).
+        self.step_log: Dict[str, torch.Tensor] = {}
+        self.epoch_log: Dict[str, torch.Tensor] = {}
+        self._paused: List[Tuple[Dict[str, Any], Dict[str, Tuple[bool, bool]], Dict[str, torch.Tensor]]] = []
         self._prog_bar_keys: set = set()
         self.current_batch: Any = None
         self.dataloader_suffix = ""
@@ -73,6 +129,16 @@ class MetricLogger:
 
     def reset_epoch(self) -> None:
         self._epoch = {}
+        self._epoch_options = {}
+        self.step_log = {}
+
+    def begin_evaluation(self) -> None:
+        """Set a training epoch's accumulators aside while validation runs inside it."""
+        self._paused.append((self._epoch, self._epoch_options, self.step_log))
+        self.reset_epoch()
+
+    def end_evaluation(self) -> None:
+        self._epoch, self._epoch_options, self.step_log = self._paused.pop()
 
     def log(
         self,
@@ -83,7 +149,7 @@ class MetricLogger:
         logger: bool = True,
         on_step: Optional[bool] = None,
         on_epoch: Optional[bool] = None,
-        reduce_fx: str = "mean",
+        reduce_fx: Union[str, Any] = "mean",
         batch_size: Optional[int] = None,
     ) -> None:
         options = dict(prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
@@ -94,48 +160,72 @@ class MetricLogger:
         self.store(name, value, **options)
 
     def store(self, name: str, value: Any, *, prog_bar: bool, logger: bool, on_step: Optional[bool],
-              on_epoch: Optional[bool], reduce_fx: str, batch_size: Optional[int]) -> None:
-        if reduce_fx not in _REDUCTIONS:
-            raise ValueError(f"self.log({name!r}): reduce_fx must be one of {_REDUCTIONS}, got {reduce_fx!r}")
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"self.log({name!r}) needs a scalar, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach().reshape(())
-        elif isinstance(value, (int, float, bool)):
-            value = torch.tensor(float(value))
-        else:
-            raise TypeError(f"self.log({name!r}) got a {type(value).__name__}; log numbers or scalar tensors")
+              on_epoch: Optional[bool], reduce_fx: Union[str, Any], batch_size: Optional[int]) -> None:
+        reduce_fx = _reduce_fx_name(name, reduce_fx)
+        metric_object = None
+        if is_metric_object(value):
+            metric_object, value = value, getattr(value, "_forward_cache", None)
         step_default = self._step_level()
         on_step = step_default if on_step is None else on_step
         on_epoch = (not step_default) if on_epoch is None else on_epoch
+        if metric_object is not None and on_step and value is None:
+            raise ValueError(
+                f"self.log({name!r}, metric, on_step=True) needs the metric's value for this batch: call the metric "
+                "(metric(preds, target)) rather than metric.update(), or log it with on_step=False"
+            )
+        value = _as_scalar(name, value) if value is not None else None
         key = name + self.dataloader_suffix
         if prog_bar:
             self._prog_bar_keys.add(key)
         if on_step:
             step_key = key + "_step" if on_epoch else key
             self._publish(step_key, value, logger)
+            if logger and self._trainer.state.training:
+                self.step_log[step_key] = value
             if on_epoch:
                 self.callback_metrics[key] = value
         if on_epoch:
             acc = self._epoch.get(key)
             if acc is None:
+                if metric_object is not None:
+                    self._epoch[key] = _MetricObjectAccumulator(metric_object)
+                    self._epoch_options[key] = (logger, on_step)
+                    return
                 acc = self._epoch[key] = _Accumulator(reduce_fx, torch.zeros((), dtype=value.dtype, device=value.device), 0.0)
+                self._epoch_options[key] = (logger, on_step)
                 if reduce_fx in ("max", "min"):
                     acc.total = value.clone()
                     return
             size = batch_size if batch_size is not None else extract_batch_size(self.current_batch)
-            acc.add(value, size)
+            acc.add(metric_object if metric_object is not None else value, size)
+
+    def publish_epoch_values(self) -> None:
+        """Put this epoch's reductions so far into ``callback_metrics`` (before the epoch-end
+        hooks, which may read them, as in Lightning); tensor ops only, no host sync. A logged
+        ``Metric`` is computed here once and its value kept for ``epoch_end``."""
+        for key, acc in list(self._epoch.items()):
+            value = acc.compute()
+            if isinstance(acc, _MetricObjectAccumulator):
+                self._epoch[key] = _Computed(value)
+            self.callback_metrics[key] = value
 
     def epoch_end(self) -> Dict[str, torch.Tensor]:
-        """Reduce this epoch's values into ``callback_metrics``; return them."""
+        """Reduce this epoch's values into ``callback_metrics``; return them. ``epoch_log`` then
+        holds the reduced values meant for loggers, under their logged names (``loss_epoch``
+        where ``loss`` was also logged per step)."""
         reduced = {}
+        self.epoch_log = {}
         for key, acc in self._epoch.items():
             value = acc.compute()
             reduced[key] = value
-            both = (key + "_step") in self.logged_metrics
-            self._publish(key + "_epoch" if both else key, value, True)
+            logger, also_on_step = self._epoch_options.get(key, (True, False))
+            logged_key = key + "_epoch" if also_on_step else key
+            self._publish(logged_key, value, logger)
             self.callback_metrics[key] = value
+            if logger:
+                self.epoch_log[logged_key] = value
         self._epoch = {}
+        self._epoch_options = {}
         return reduced
 
     def _publish(self, key: str, value: torch.Tensor, logger: bool) -> None:
@@ -150,3 +240,15 @@ class MetricLogger:
         if not trainer.state.training:
             return False
         return trainer.hooks.current_hook not in _EPOCH_LEVEL_TRAIN_HOOKS
+
+
+def _as_scalar(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"self.log({name!r}) needs a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    if isinstance(value, (int, float, bool)):
+        return torch.tensor(float(value))
+    raise TypeError(
+        f"self.log({name!r}) got a {type(value).__name__}; log numbers, scalar tensors or torchmetrics Metrics"
+    )

@@ -15,7 +15,9 @@ from torch.optim import Optimizer
 
 from fastloop import __version__
 from fastloop.callback import Callback
-from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
+from fastloop.checkpoint import load_checkpoint
+from fastloop.checkpoint_connector import LOOP_KEYS as _LOOP_KEYS
+from fastloop.checkpoint_connector import CheckpointConnector, has_own_state
 from fastloop.config import (
     CompileConfig, Limits, OptimizationConfig, RunConfig, ValidationSchedule, resolve_mode,
 )
@@ -26,11 +28,13 @@ from fastloop.hooks import HookDispatcher
 from fastloop.loops import EvaluationLoop, FitLoop, Loop, PredictionLoop, TrainingEpochLoop
 from fastloop.module import Module
 from fastloop.optim import LoopOptimizer, SchedulerConfig, active_optimizer_indices, parse_optimizers
+from fastloop.logger_connector import LoggerArg, LoggerConnector, configure_loggers
 from fastloop.results import MetricLogger
-from fastloop.seed import capture_rng_states, restore_rng_states
+from fastloop.seed import restore_rng_states
 from fastloop.state import TrainerState
-
-_LOOP_KEYS = {"fit": "fit_loop", "validate": "validate_loop", "test": "test_loop", "predict": "predict_loop"}
+from fastloop.trainer_args import (
+    DebugFlags, check_devices, check_unsupported, estimated_stepping_batches, normalize_precision,
+)
 
 
 def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
@@ -40,11 +44,58 @@ def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
         yield from iter_loops(child, f"{prefix}.{name}")
 
 
-def _has_own_state(loader: Any) -> bool:
-    """A loader that saves and restores its position (``TensorLoader``); torch's ``DataLoader``
-    (whose state is recreated from the RNG instead) is not one."""
-    return (not isinstance(loader, torch.utils.data.DataLoader) and callable(getattr(loader, "state_dict", None))
-            and callable(getattr(loader, "load_state_dict", None)))
+def _as_list(callbacks: Optional[Union[Callback, Sequence[Callback]]]) -> List[Callback]:
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"Trainer(callbacks=...) got a {type(cb).__name__}; callbacks must subclass fastloop.Callback")
+    return callbacks
+
+
+def _default_callbacks(callbacks: List[Callback], enable_checkpointing: bool, enable_progress_bar: bool,
+                       enable_model_summary: bool) -> List[Callback]:
+    """The user's callbacks plus Lightning's defaults: a progress bar, a model summary and a
+    ``ModelCheckpoint`` (each only when the user gave none of its kind)."""
+    from fastloop.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+
+    callbacks = list(callbacks)
+    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+    if has_checkpoint and not enable_checkpointing:
+        raise ValueError("Trainer(enable_checkpointing=False) was given a ModelCheckpoint callback; drop one of them")
+    if enable_checkpointing and not has_checkpoint:
+        callbacks.append(ModelCheckpoint())
+    if enable_model_summary and not any(isinstance(cb, ModelSummary) for cb in callbacks):
+        callbacks.append(ModelSummary())
+    if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks.append(ProgressBar())
+    # As in Lightning, checkpoint callbacks run last, so they see what other callbacks logged.
+    return [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)] + [
+        cb for cb in callbacks if isinstance(cb, ModelCheckpoint)
+    ]
+
+
+def _set_determinism(deterministic: Optional[Union[bool, str]], benchmark: Optional[bool]) -> None:
+    """``deterministic``: torch's deterministic algorithms ("warn": warn instead of raising);
+    ``benchmark``: cuDNN autotuning (off by default, and always off when deterministic)."""
+    if deterministic not in (None, True, False, "warn"):
+        raise ValueError(f"deterministic must be None, True, False or 'warn', got {deterministic!r}")
+    if deterministic and benchmark:
+        raise ValueError("Trainer(deterministic=True, benchmark=True): cuDNN autotuning is not deterministic")
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    torch.backends.cudnn.benchmark = bool(benchmark) if benchmark is not None else False
+
+
+def _only_datamodule(given: Optional[DataModule], positional: DataModule, fn: str) -> DataModule:
+    if given is not None:
+        raise ValueError(f"trainer.{fn}() got a DataModule both as a dataloader and as datamodule=; pass one")
+    return positional
 
 
 class Trainer:
@@ -53,53 +104,87 @@ class Trainer:
     def __init__(
         self,
         *,
+        logger: LoggerArg = True,
+        enable_checkpointing: bool = True,
+        callbacks: Optional[Union[Callback, Sequence[Callback]]] = None,
+        default_root_dir: Optional[str] = None,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+        devices: Any = None,
+        accelerator: Optional[str] = "auto",
+        enable_progress_bar: bool = True,
+        overfit_batches: Union[int, float] = 0.0,
+        check_val_every_n_epoch: Optional[int] = 1,
+        fast_dev_run: Union[int, bool] = False,
+        accumulate_grad_batches: Optional[int] = None,
         max_epochs: Optional[int] = None,
         min_epochs: Optional[int] = None,
         max_steps: int = -1,
         min_steps: Optional[int] = None,
-        limit_train_batches: Union[int, float] = 1.0,
-        limit_val_batches: Union[int, float] = 1.0,
-        limit_test_batches: Union[int, float] = 1.0,
-        limit_predict_batches: Union[int, float] = 1.0,
-        val_check_interval: Union[int, float] = 1.0,
-        check_val_every_n_epoch: Optional[int] = 1,
+        limit_train_batches: Optional[Union[int, float]] = None,
+        limit_val_batches: Optional[Union[int, float]] = None,
+        limit_test_batches: Optional[Union[int, float]] = None,
+        limit_predict_batches: Optional[Union[int, float]] = None,
+        val_check_interval: Optional[Union[int, float]] = None,
+        log_every_n_steps: int = 50,
+        precision: Union[int, str] = 32,
+        enable_model_summary: bool = True,
         num_sanity_val_steps: int = 2,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: Optional[float] = None,
-        gradient_clip_algorithm: str = "norm",
-        callbacks: Optional[Sequence[Callback]] = None,
-        default_root_dir: Optional[str] = None,
-        enable_progress_bar: bool = True,
+        deterministic: Optional[Union[bool, str]] = None,
+        benchmark: Optional[bool] = None,
+        reload_dataloaders_every_n_epochs: int = 0,
+        detect_anomaly: bool = False,
         mode: str = "auto",
-        accelerator: str = "auto",
-        precision: str = "32",
         compile_config: Optional[CompileConfig] = None,
+        **lightning_only: Any,
     ) -> None:
-        if max_epochs is None and max_steps == -1:
-            max_epochs = 1000  # Lightning's default when no stopping criterion is given
+        check_unsupported(lightning_only)
+        accelerator = accelerator or "auto"
+        check_devices(devices, accelerator)
+        self.debug = DebugFlags.parse(fast_dev_run, overfit_batches)
+        args = self.debug.apply(dict(
+            max_epochs=max_epochs, max_steps=max_steps,
+            limit_train_batches=1.0 if limit_train_batches is None else limit_train_batches,
+            limit_val_batches=1.0 if limit_val_batches is None else limit_val_batches,
+            limit_test_batches=1.0 if limit_test_batches is None else limit_test_batches,
+            limit_predict_batches=1.0 if limit_predict_batches is None else limit_predict_batches,
+            val_check_interval=1.0 if val_check_interval is None else val_check_interval,
+            check_val_every_n_epoch=check_val_every_n_epoch, num_sanity_val_steps=num_sanity_val_steps,
+        ))
+        if not isinstance(reload_dataloaders_every_n_epochs, int) or reload_dataloaders_every_n_epochs < 0:
+            raise ValueError(
+                f"reload_dataloaders_every_n_epochs must be an int >= 0, got {reload_dataloaders_every_n_epochs!r}"
+            )
         self.config = RunConfig(
-            limits=Limits(max_epochs, min_epochs, max_steps, min_steps, limit_train_batches, limit_val_batches,
-                          limit_test_batches, limit_predict_batches),
-            validation=ValidationSchedule(val_check_interval, check_val_every_n_epoch, num_sanity_val_steps),
-            optimization=OptimizationConfig(accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm),
+            limits=Limits(args["max_epochs"], min_epochs, args["max_steps"], min_steps, args["limit_train_batches"],
+                          args["limit_val_batches"], args["limit_test_batches"], args["limit_predict_batches"]),
+            validation=ValidationSchedule(args["val_check_interval"], args["check_val_every_n_epoch"],
+                                          args["num_sanity_val_steps"]),
+            optimization=OptimizationConfig(accumulate_grad_batches or 1, gradient_clip_val,
+                                            gradient_clip_algorithm or "norm"),
             compile=compile_config or CompileConfig(),
-            mode=mode, accelerator=accelerator, precision=str(precision),
+            mode=mode, accelerator=accelerator, precision=normalize_precision(precision),
             default_root_dir=default_root_dir, enable_progress_bar=enable_progress_bar,
         )
         self.mode = resolve_mode(mode)
         self.device = device_of(accelerator)
+        self.detect_anomaly = bool(detect_anomaly)
+        self.reload_dataloaders_every_n_epochs = reload_dataloaders_every_n_epochs
+        self.deterministic = deterministic
+        _set_determinism(deterministic, benchmark)
         # fp16 ("16-mixed") on the eager path: torch's GradScaler (the fused step keeps its own
         # scale on the device, see fastloop.step.precision).
         self.grad_scaler = make_grad_scaler(self.device.type, self.config.precision)
-        self.callbacks: List[Callback] = list(callbacks or [])
-        if enable_progress_bar:
-            from fastloop.callbacks.progress import ProgressBar
-
-            if not any(isinstance(cb, ProgressBar) for cb in self.callbacks):
-                self.callbacks.append(ProgressBar())
-        self.default_root_dir = default_root_dir or os.getcwd()
+        self.default_root_dir = os.fspath(default_root_dir) if default_root_dir else os.getcwd()
+        # fast_dev_run suppresses logging and checkpointing, as in Lightning.
+        self.loggers = [] if self.fast_dev_run else configure_loggers(logger, self.default_root_dir)
+        self.callbacks: List[Callback] = _default_callbacks(
+            _as_list(callbacks), enable_checkpointing, enable_progress_bar, enable_model_summary,
+        )
         self.state = TrainerState()
         self.metrics = MetricLogger(self)
+        self.logger_connector = LoggerConnector(self, log_every_n_steps)
+        self.checkpoint_connector = CheckpointConnector(self)
         self.data = DataConnector(self)
         self.should_stop = False
         self.module: Optional[Module] = None
@@ -116,9 +201,9 @@ class Trainer:
         self._validation_enabled = None
         self._checkpoint_loader_state: Optional[Dict[str, Any]] = None
 
-        limits = self.config.limits
-        fit_loop = FitLoop(min_epochs=limits.min_epochs or 0, max_epochs=limits.max_epochs)
-        fit_loop.connect(epoch_loop=TrainingEpochLoop(min_steps=limits.min_steps, max_steps=limits.max_steps))
+        # Loops built without limits take the Trainer's (config.limits) when they run.
+        fit_loop = FitLoop()
+        fit_loop.connect(epoch_loop=TrainingEpochLoop())
         self.fit_loop = fit_loop
         self.validate_loop = EvaluationLoop()
         self.test_loop = EvaluationLoop()
@@ -146,65 +231,91 @@ class Trainer:
     # ----------------------------------------------------------------- entry points
     def fit(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: Optional[DataModule] = None, ckpt_path: Optional[str] = None) -> None:
+        """Train. ``train_dataloaders`` may be a ``DataModule``, as Lightning accepts.
+        ``ckpt_path``: a file, ``"last"`` or ``"best"`` (through the ModelCheckpoint callbacks)."""
+        if isinstance(train_dataloaders, DataModule):
+            train_dataloaders, datamodule = None, _only_datamodule(datamodule, train_dataloaders, "fit")
         self._run("fit", model, datamodule, ckpt_path, train=train_dataloaders, val=val_dataloaders)
 
-    def validate(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
-                 ckpt_path: Optional[str] = None) -> List[Dict[str, float]]:
+    def validate(self, model: Optional[Module] = None, dataloaders: Any = None, ckpt_path: Optional[str] = None,
+                 verbose: bool = True, datamodule: Optional[DataModule] = None) -> List[Dict[str, float]]:
+        if isinstance(dataloaders, DataModule):
+            dataloaders, datamodule = None, _only_datamodule(datamodule, dataloaders, "validate")
+        self.validate_loop.verbose = verbose
         return self._run("validate", model, datamodule, ckpt_path, val=dataloaders)
 
-    def test(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
-             ckpt_path: Optional[str] = None) -> List[Dict[str, float]]:
+    def test(self, model: Optional[Module] = None, dataloaders: Any = None, ckpt_path: Optional[str] = None,
+             verbose: bool = True, datamodule: Optional[DataModule] = None) -> List[Dict[str, float]]:
+        if isinstance(dataloaders, DataModule):
+            dataloaders, datamodule = None, _only_datamodule(datamodule, dataloaders, "test")
+        self.test_loop.verbose = verbose
         return self._run("test", model, datamodule, ckpt_path, test=dataloaders)
 
-    def predict(self, model: Module, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
-                ckpt_path: Optional[str] = None) -> Any:
+    def predict(self, model: Optional[Module] = None, dataloaders: Any = None, datamodule: Optional[DataModule] = None,
+                return_predictions: Optional[bool] = None, ckpt_path: Optional[str] = None) -> Any:
+        if isinstance(dataloaders, DataModule):
+            dataloaders, datamodule = None, _only_datamodule(datamodule, dataloaders, "predict")
+        if return_predictions is False:
+            raise ValueError("predict(return_predictions=False) is not supported: fastloop returns the predictions")
         return self._run("predict", model, datamodule, ckpt_path, predict=dataloaders)
 
-    def _run(self, fn: str, model: Module, datamodule: Optional[DataModule], ckpt_path: Optional[str],
+    def _run(self, fn: str, model: Optional[Module], datamodule: Optional[DataModule], ckpt_path: Optional[str],
              **loaders: Any) -> Any:
+        if model is None:
+            if self.module is None:
+                raise TypeError(f"trainer.{fn}() needs a model: none was given and none was fitted before")
+            model = self.module
         if not isinstance(model, Module):
             raise TypeError(f"trainer.{fn}() needs a fastloop.Module, got {type(model).__name__}")
         if datamodule is not None and any(v is not None for v in loaders.values()):
             raise ValueError(f"trainer.{fn}() got both dataloaders and a datamodule; pass one of them")
-        checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+        # A path is read (and checked) before anything runs; "last"/"best" once callbacks are set up.
+        checkpoint = load_checkpoint(ckpt_path) if ckpt_path not in (None, "last", "best") else None
         stage = {"validate": "validate", "test": "test", "predict": "predict"}.get(fn)
         self.module = model
         model._trainer = self
+        if datamodule is not None:
+            datamodule.trainer = self
         self.should_stop = False
         self._sanity_done = False
         self._loops_ready = False
         self._validation_enabled: Optional[bool] = None
-        self._checkpoint_loader_state = checkpoint.get("train_loader") if checkpoint else None
+        self._checkpoint_loader_state = None
         self.train_data = None
+        self.metrics = MetricLogger(self)  # callback/logged metrics start empty at each entry point
         self.hooks = HookDispatcher(self, model, self.callbacks + list(model.configure_callbacks() or []))
         self.data.attach(datamodule, **loaders)
         loop: Loop = getattr(self, _LOOP_KEYS[fn])
         with self.state.running(fn):
             try:
-                self._prepare(fn, model, datamodule, checkpoint)
+                checkpoint = self._prepare(fn, model, datamodule, checkpoint, ckpt_path)
                 self._setup_loops(loop, _LOOP_KEYS[fn])
                 if checkpoint is not None:
-                    self._restore_run_state(checkpoint, fn, loop)
+                    self.checkpoint_connector.restore_run_state(checkpoint, fn, loop)
                 if fn == "fit":
                     self.hooks.call("on_fit_start")
+                self.logger_connector.log_hyperparams()
                 if checkpoint is not None and "rng_states" in checkpoint and fn == "fit":
                     restore_rng_states(checkpoint["rng_states"])
-                if stage is None:
-                    result = loop.run()
-                else:
-                    with self.state.stage_as(stage):
+                with torch.autograd.set_detect_anomaly(self.detect_anomaly):
+                    if stage is None:
                         result = loop.run()
+                    else:
+                        with self.state.stage_as(stage):
+                            result = loop.run()
                 if fn == "fit":
                     self.hooks.call("on_fit_end")
                 self._teardown(fn, datamodule)
+                self.logger_connector.finalize("success")
             except BaseException as exc:
                 self.hooks.call_callbacks("on_exception", exc)
                 loop.teardown()
+                self.logger_connector.finalize("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
                 raise
         return result
 
     def _prepare(self, fn: str, model: Module, datamodule: Optional[DataModule],
-                 checkpoint: Optional[Dict[str, Any]]) -> None:
+                 checkpoint: Optional[Dict[str, Any]], ckpt_path: Optional[str]) -> Optional[Dict[str, Any]]:
         if datamodule is not None:
             datamodule.prepare_data()
         self.hooks.call_module("prepare_data")
@@ -213,10 +324,15 @@ class Trainer:
             datamodule.setup(fn)
         self.hooks.call_module("setup", fn)
         model.to(self.device)
+        if ckpt_path in ("last", "best"):
+            resolved = self.checkpoint_connector.resolve(ckpt_path, fn)
+            checkpoint = load_checkpoint(resolved) if resolved is not None else None
         if checkpoint is not None:
-            self._restore_model(checkpoint)
+            self._checkpoint_loader_state = checkpoint.get("train_loader")
+            self.checkpoint_connector.restore_model(checkpoint)
         if fn == "fit":
             self.setup_optimizers()
+        return checkpoint
 
     def _teardown(self, fn: str, datamodule: Optional[DataModule]) -> None:
         self.hooks.call_callbacks("teardown", fn)
@@ -253,7 +369,7 @@ class Trainer:
             )
         self.train_data = data
         loader = data.loaders[0]
-        if self._checkpoint_loader_state is not None and _has_own_state(loader):
+        if self._checkpoint_loader_state is not None and has_own_state(loader):
             # The checkpoint's loader state (seed, epoch) wins over the new loader's own.
             loader.load_state_dict(self._checkpoint_loader_state)
             self._checkpoint_loader_state = None
@@ -315,7 +431,7 @@ class Trainer:
 
     def _resume_loader_position(self, loader: Any, next_batch: int) -> bool:
         """Let a loader with its own state (``TensorLoader``) resume at ``next_batch``."""
-        if not _has_own_state(loader):
+        if not has_own_state(loader):
             return False
         state = dict(loader.state_dict())
         if "next_batch" not in state:
@@ -467,66 +583,131 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
         """Write a checkpoint atomically: a reader sees the old file or the whole new one."""
-        if self.module is None:
-            raise RuntimeError("save_checkpoint() needs a model: call fit/validate/test/predict first")
-        atomic_save(self.dump_checkpoint(weights_only), filepath)
+        self.checkpoint_connector.save(filepath, weights_only)
 
     def dump_checkpoint(self, weights_only: bool = False) -> Dict[str, Any]:
-        assert self.module is not None
-        checkpoint: Dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "fastloop_version": __version__,
-            "epoch": self.current_epoch,
-            "global_step": self.global_step,
-            "state_dict": self.module.state_dict(),
-        }
-        if not weights_only:
-            checkpoint["loops"] = {key: getattr(self, key).state_dict() for key in _LOOP_KEYS.values()}
-            checkpoint["optimizer_states"] = [opt.state_dict() for opt in self.optimizers]
-            checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in self.lr_scheduler_configs]
-            checkpoint["rng_states"] = capture_rng_states()
-            checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in self.hooks.callbacks}
-            if self.datamodule is not None:
-                checkpoint["datamodule"] = self.datamodule.state_dict()
-            loader = self.train_data.loaders[0] if self.train_data is not None else None
-            if loader is not None and _has_own_state(loader):
-                checkpoint["train_loader"] = loader.state_dict()
-        self.hooks.call_callbacks("on_save_checkpoint", checkpoint)
-        self.hooks.call_module("on_save_checkpoint", checkpoint)
-        return checkpoint
+        return self.checkpoint_connector.dump(weights_only)
 
-    def _restore_model(self, checkpoint: Dict[str, Any]) -> None:
-        assert self.module is not None
-        self.hooks.call_module("on_load_checkpoint", checkpoint)
-        self.hooks.call_callbacks("on_load_checkpoint", checkpoint)
-        self.module.load_state_dict(checkpoint["state_dict"])
+    @property
+    def ckpt_path(self) -> Optional[str]:
+        return None
 
-    def _restore_run_state(self, checkpoint: Dict[str, Any], fn: str, loop: Loop) -> None:
-        if fn != "fit":
-            return
-        states = checkpoint.get("optimizer_states")
-        if states is None:
-            raise CheckpointError("the checkpoint holds weights only; it cannot resume training")
-        if len(states) != len(self.optimizers):
-            raise CheckpointError(
-                f"the checkpoint holds {len(states)} optimizer states but configure_optimizers returned "
-                f"{len(self.optimizers)} optimizers"
-            )
-        for opt, state in zip(self.optimizers, states):
-            opt.load_state_dict(state)
-        scheds = checkpoint.get("lr_schedulers", [])
-        if len(scheds) != len(self.lr_scheduler_configs):
-            raise CheckpointError(
-                f"the checkpoint holds {len(scheds)} LR scheduler states but configure_optimizers returned "
-                f"{len(self.lr_scheduler_configs)} schedulers"
-            )
-        for config, state in zip(self.lr_scheduler_configs, scheds):
-            config.scheduler.load_state_dict(state)
-        for cb in self.hooks.callbacks:
-            if cb.state_key in checkpoint.get("callbacks", {}):
-                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
-        if self.datamodule is not None and "datamodule" in checkpoint:
-            self.datamodule.load_state_dict(checkpoint["datamodule"])
-        loops = checkpoint.get("loops", {})
-        if _LOOP_KEYS[fn] in loops:
-            loop.load_state_dict(loops[_LOOP_KEYS[fn]])
+    # -------------------------------------------------- callbacks and loggers
+    @property
+    def checkpoint_callbacks(self) -> List[Callback]:
+        from fastloop.callbacks import ModelCheckpoint
+
+        return [cb for cb in self._all_callbacks() if isinstance(cb, ModelCheckpoint)]
+
+    @property
+    def checkpoint_callback(self) -> Optional[Callback]:
+        """The first ``ModelCheckpoint``, or None."""
+        callbacks = self.checkpoint_callbacks
+        return callbacks[0] if callbacks else None
+
+    @property
+    def early_stopping_callbacks(self) -> List[Callback]:
+        from fastloop.callbacks import EarlyStopping
+
+        return [cb for cb in self._all_callbacks() if isinstance(cb, EarlyStopping)]
+
+    @property
+    def early_stopping_callback(self) -> Optional[Callback]:
+        callbacks = self.early_stopping_callbacks
+        return callbacks[0] if callbacks else None
+
+    @property
+    def progress_bar_callback(self) -> Optional[Callback]:
+        from fastloop.callbacks import ProgressBar
+
+        return next((cb for cb in self._all_callbacks() if isinstance(cb, ProgressBar)), None)
+
+    def _all_callbacks(self) -> List[Callback]:
+        """The running callbacks (with the module's ``configure_callbacks``), else the given ones."""
+        return self.hooks.callbacks if self.module is not None else self.callbacks
+
+    @property
+    def logger(self) -> Optional[Any]:
+        """The first logger, or None."""
+        return self.loggers[0] if self.loggers else None
+
+    @logger.setter
+    def logger(self, logger: Optional[Any]) -> None:
+        self.loggers = [] if logger is None else [logger]
+
+    @property
+    def log_dir(self) -> str:
+        """Lightning 1.9's rule: TensorBoard's ``log_dir``, another logger's ``save_dir``, else
+        ``default_root_dir``."""
+        if not self.loggers:
+            return self.default_root_dir
+        first = self.loggers[0]
+        from fastloop.loggers import TensorBoardLogger
+
+        return first.log_dir if isinstance(first, TensorBoardLogger) else (first.save_dir or self.default_root_dir)
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.logger_connector.log_every_n_steps
+
+    # ------------------------------------------------------ run description
+    @property
+    def fast_dev_run(self) -> int:
+        """Batches per stage of a ``fast_dev_run`` (0: off)."""
+        return self.debug.fast_dev_run
+
+    @property
+    def overfit_batches(self) -> Union[int, float]:
+        return self.debug.overfit_batches
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True  # one process: torchrun support will make this the rank check
+
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
+    world_size = 1
+    num_nodes = 1
+    num_devices = 1
+
+    @property
+    def val_check_interval(self) -> Union[int, float]:
+        return self.config.validation.val_check_interval
+
+    @property
+    def check_val_every_n_epoch(self) -> Optional[int]:
+        return self.config.validation.check_val_every_n_epoch
+
+    @property
+    def num_sanity_val_steps(self) -> int:
+        return self.config.validation.num_sanity_val_steps
+
+    @property
+    def limit_train_batches(self) -> Union[int, float]:
+        return self.config.limits.limit_train_batches
+
+    @property
+    def limit_val_batches(self) -> Union[int, float]:
+        return self.config.limits.limit_val_batches
+
+    @property
+    def num_val_batches(self) -> List[Union[int, float]]:
+        """Batches per validation loader (requests the loaders if needed)."""
+        if self.module is None or not self.data.has_source("val"):
+            return []
+        return list(self.data.stage_data("val", self.config.limits.limit_val_batches).max_batches)
+
+    @property
+    def min_epochs(self) -> Optional[int]:
+        loop = self._counting_fit_loop()
+        return loop.min_epochs if loop is not None else None
+
+    @property
+    def estimated_stepping_batches(self) -> Union[int, float]:
+        """Optimizer steps this fit will take (for OneCycleLR's ``total_steps``), as Lightning
+        estimates them: requests the training loader when it is not there yet."""
+        if self.train_data is None and self.module is not None:
+            self.prepare_training_data()
+        return estimated_stepping_batches(self.max_epochs, self.max_steps, self.num_training_batches,
+                                          self.accumulate_grad_batches)

@@ -39,6 +39,8 @@ def shuffled_loader():
 
 
 def trainer(**kwargs):
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
     return Trainer(enable_progress_bar=False, num_sanity_val_steps=0, **kwargs)
 
 

@@ -41,7 +41,7 @@ MODULE_HOOKS = [
     "training_step", "validation_step", "test_step", "predict_step", "on_validation_model_eval",
     "on_validation_model_train", "on_test_model_eval", "on_test_model_train", "on_predict_model_eval",
     "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer", "training_epoch_end",
-    "validation_epoch_end", "test_epoch_end",
+    "validation_epoch_end", "test_epoch_end", "on_save_checkpoint", "on_load_checkpoint",
 ]
 
 
@@ -147,7 +147,10 @@ def test_fit_hook_order():
         + ["train_dataloader"] + both("on_train_start")
         + both("on_train_epoch_start") + train_batch() + train_batch()
         + eval_run("validation", 2)
-        + ["training_epoch_end"] + both("on_train_epoch_end")
+        + ["training_epoch_end"]
+        # The default ModelCheckpoint runs after the other callbacks' on_train_epoch_end and
+        # saves there (validation runs once per epoch), before the module's hook, as in Lightning.
+        + ["Callback.on_train_epoch_end"] + both("on_save_checkpoint") + ["on_train_epoch_end"]
         + both("on_train_end") + both("on_fit_end") + teardown_hooks()
     )
     assert calls == expected

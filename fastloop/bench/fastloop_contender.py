@@ -76,6 +76,7 @@ class FastloopContender(Contender):
         self._tmp = tempfile.TemporaryDirectory(prefix="fastloop-bench-")
         self.trainer = Trainer(
             max_epochs=1, max_steps=spec.total_steps, enable_progress_bar=False, num_sanity_val_steps=0,
+            logger=False, enable_checkpointing=False, enable_model_summary=False,
             mode=self.mode_requested, accelerator=spec.device.type, callbacks=[_DriverCallback(self.driver)],
             default_root_dir=self._tmp.name,
         )

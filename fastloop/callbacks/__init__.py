@@ -1,4 +1,10 @@
-"""Built-in callbacks."""
-from fastloop.callbacks.progress import ProgressBar
+"""Built-in callbacks, one file each."""
+from fastloop.callback import Callback
+from fastloop.callbacks.early_stopping import EarlyStopping
+from fastloop.callbacks.lr_monitor import LearningRateMonitor
+from fastloop.callbacks.model_checkpoint import ModelCheckpoint
+from fastloop.callbacks.model_summary import ModelSummary
+from fastloop.callbacks.progress import ProgressBar, TQDMProgressBar
 
-__all__ = ["ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "ProgressBar",
+           "TQDMProgressBar"]

@@ -169,6 +169,19 @@ class TensorLoader:
         self._started = False  # has an iterator begun at the current position?
         self._active: Optional["weakref.ref[_EpochIterator]"] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # The extension is a module object and the live iterator a weak reference: neither
+        # copies. A copy (``copy.deepcopy(trainer)``) looks the extension up again.
+        state = dict(self.__dict__)
+        state["_ext"] = self._ext is not None
+        state["_active"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        state["_ext"] = _ext.load() if state["_ext"] else None
+        self.__dict__.update(state)
+
     @staticmethod
     def _pick_backend(backend: str) -> Any:
         if backend == "python":

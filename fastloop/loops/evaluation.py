@@ -25,6 +25,8 @@ from fastloop.loops.progress import BatchProgress, DataLoaderProgress
 class EvaluationEpochLoop(Loop):
     """Runs the batches of one evaluation dataloader."""
 
+    _runtime_attributes = {"eval_step": None}
+
     def __init__(self) -> None:
         super().__init__()
         self.batch_progress = BatchProgress()
@@ -127,7 +129,7 @@ class EvaluationLoop(Loop):
         trainer = self.trainer
         stage = trainer.state.eval_stage
         trainer.hooks.call_module(f"on_{stage}_model_eval")
-        trainer.metrics.reset_epoch()
+        trainer.metrics.begin_evaluation()  # keeps a running training epoch's values aside
         trainer.hooks.call(f"on_{stage}_start")
         trainer.hooks.call(f"on_{stage}_epoch_start")
 
@@ -152,8 +154,11 @@ class EvaluationLoop(Loop):
         if trainer.hooks.module_overrides(f"{stage}_epoch_end"):
             outputs = self._outputs[0] if len(self._outputs) == 1 else self._outputs
             trainer.hooks.call_module(f"{stage}_epoch_end", outputs)
+        trainer.metrics.publish_epoch_values()
         trainer.hooks.call(f"on_{stage}_epoch_end")
         reduced = trainer.metrics.epoch_end()
+        trainer.logger_connector.on_evaluation_end()
+        trainer.metrics.end_evaluation()
         results = self._split_by_dataloader(reduced, len(self._data.loaders))
         trainer.hooks.call(f"on_{stage}_end")
         model_train = f"on_{stage}_model_train"

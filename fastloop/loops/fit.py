@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 
 
 class FitLoop(Loop):
-    """Runs training epochs until ``max_epochs``/``max_steps`` or ``trainer.should_stop``."""
+    """Runs training epochs until ``max_epochs``/``max_steps`` or ``trainer.should_stop``.
 
-    def __init__(self, min_epochs: int = 0, max_epochs: Optional[int] = None) -> None:
+    ``min_epochs``/``max_epochs`` left as None take the trainer's limits (``Trainer(max_epochs=...)``)
+    when read; limits given here, or assigned later (``loop.max_epochs = 3``), win over them.
+    """
+
+    _runtime_attributes = {"_fetcher": None}
+
+    def __init__(self, min_epochs: Optional[int] = None, max_epochs: Optional[int] = None) -> None:
         super().__init__()
-        if max_epochs is not None and max_epochs < -1:
-            raise ValueError(f"max_epochs must be None, -1 or >= 0, got {max_epochs}")
+        self._min_epochs: Optional[int] = None
+        self._max_epochs: Optional[int] = None
         self.min_epochs = min_epochs
         self.max_epochs = max_epochs
         self.epoch_loop = TrainingEpochLoop()
@@ -44,6 +50,45 @@ class FitLoop(Loop):
         self._outputs: List[Any] = []
         self._fetcher: Optional[DataFetcher] = None
         self._epoch_rng_state: Optional[dict] = None
+
+    # ---------------------------------------------------------------- limits
+    @property
+    def max_epochs(self) -> Optional[int]:
+        """This loop's limit; else the trainer's (its default: 1000 without ``max_steps``, else
+        none, -1); None while neither is known."""
+        if self._max_epochs is not None or self._trainer is None:
+            return self._max_epochs
+        limits = self._trainer.config.limits
+        if limits.max_epochs is not None:
+            return limits.max_epochs
+        return 1000 if limits.max_steps == -1 else -1
+
+    @max_epochs.setter
+    def max_epochs(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+            raise ValueError(f"max_epochs must be None (the trainer's), -1 (no limit) or an int >= 0, got {value!r}")
+        self._max_epochs = value
+
+    @property
+    def min_epochs(self) -> int:
+        """This loop's minimum; else the trainer's; else 1 when ``min_steps`` is set, or 0."""
+        if self._min_epochs is not None:
+            return self._min_epochs
+        if self._trainer is not None and self._trainer.config.limits.min_epochs is not None:
+            return self._trainer.config.limits.min_epochs
+        return 1 if self.min_steps is not None else 0
+
+    @min_epochs.setter
+    def min_epochs(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"min_epochs must be None (the trainer's) or an int >= 0, got {value!r}")
+        self._min_epochs = value
+
+    def _init_argument(self, name: str) -> Any:
+        # ``replace`` rebuilds a loop with the limits it was given (None: still the trainer's).
+        if name in ("min_epochs", "max_epochs"):
+            return getattr(self, "_" + name)
+        return super()._init_argument(name)
 
     # ------------------------------------------------------------ forwarding
     @property
@@ -59,7 +104,7 @@ class FitLoop(Loop):
         return self.epoch_loop.max_steps
 
     @max_steps.setter
-    def max_steps(self, value: int) -> None:
+    def max_steps(self, value: Optional[int]) -> None:
         self.epoch_loop.max_steps = value
 
     @property
@@ -102,7 +147,7 @@ class FitLoop(Loop):
         if self.epoch_loop.max_steps_reached or self._stop_epochs_reached:
             return True
         if trainer.should_stop:
-            min_epochs_met = self.epoch_progress.current.processed >= (self.min_epochs or 0)
+            min_epochs_met = self.epoch_progress.current.processed >= self.min_epochs
             if min_epochs_met and self.epoch_loop.min_steps_met:
                 return True
             log.info(
@@ -116,9 +161,19 @@ class FitLoop(Loop):
     def skip(self) -> bool:
         return self.done or self.trainer.config.limits.limit_train_batches == 0
 
+    def on_skip(self) -> None:
+        self._finish_processed_epoch()
+
     def reset(self) -> None:
+        self._finish_processed_epoch()
         if self.restarting:
             self.epoch_progress.reset_on_restart()
+
+    def _finish_processed_epoch(self) -> None:
+        """Count an epoch whose work was processed as completed. A checkpoint written in
+        ``on_train_epoch_end`` (after ``processed``, before ``completed``) resumes with the next
+        epoch, and ``trainer.current_epoch`` counts it."""
+        self.epoch_progress.finish_processed()
 
     def on_run_start(self) -> None:
         trainer = self.trainer
@@ -145,6 +200,10 @@ class FitLoop(Loop):
     def on_advance_start(self) -> None:
         trainer = self.trainer
         epoch = self.epoch_progress.current.completed
+        every = trainer.reload_dataloaders_every_n_epochs
+        if every and epoch > 0 and epoch % every == 0 and not self.epoch_loop.restarting:
+            trainer.reload_dataloaders()  # reload_dataloaders_every_n_epochs: fresh loaders from their sources
+            trainer.prepare_training_data()
         loader = trainer.train_data.loaders[0]
         set_epoch(loader, epoch)
         self.epoch_progress.increment_ready()
@@ -162,7 +221,7 @@ class FitLoop(Loop):
         trainer = self.trainer
         data = trainer.train_data
         resuming = self.epoch_loop.restarting
-        skip = self.epoch_loop.batch_progress.current.completed if resuming else 0
+        skip = self.epoch_loop.resume_position if resuming else 0
         loader = data.loaders[0]
         fetcher = DataFetcher(loader, data.max_batches[0], copier=trainer.data.device_copier())
         if resuming and skip and trainer._resume_loader_position(loader, skip):
@@ -181,8 +240,7 @@ class FitLoop(Loop):
 
     def on_advance_end(self) -> None:
         trainer = self.trainer
-        if self._fetcher is not None:
-            self._fetcher.close()
+        self._close_fetcher()
         if trainer.hooks.module_overrides("training_epoch_end"):
             returned = trainer.hooks.call_module("training_epoch_end", self._outputs)
             if returned is not None:
@@ -190,8 +248,10 @@ class FitLoop(Loop):
         self._outputs = []
         self.epoch_progress.increment_processed()
         with trainer.state.stage_as("train"):
+            trainer.metrics.publish_epoch_values()
             trainer.hooks.call("on_train_epoch_end")
             trainer.metrics.epoch_end()
+            trainer.logger_connector.on_train_epoch_end()
         self.epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
         self.epoch_progress.increment_completed()
 
@@ -199,12 +259,14 @@ class FitLoop(Loop):
         self.trainer.hooks.call("on_train_end")
 
     def teardown(self) -> None:
-        if self._fetcher is not None:
-            self._fetcher.close()
+        self._close_fetcher()
         super().teardown()
 
-    def _on_state_loaded(self) -> None:
-        self.epoch_progress.finish_processed()
+    def _close_fetcher(self) -> None:
+        # Dropped, not kept closed: it holds the loader, which holds threads or native objects.
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
 
     def on_save_checkpoint(self) -> dict:
         return {"epoch_rng_state": self._epoch_rng_state} if self._epoch_rng_state is not None else {}

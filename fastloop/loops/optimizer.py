@@ -94,6 +94,8 @@ def has_parameter(fn: Callable[..., Any], name: str) -> bool:
 class OptimizerLoop(Loop):
     """Steps each active optimizer on one batch."""
 
+    _runtime_attributes = {"train_step": None, "_indices": (), "_optimizers": ()}
+
     def __init__(self) -> None:
         super().__init__()
         self.optim_progress = OptimizationProgress()

@@ -24,6 +24,8 @@ from fastloop.module import move_to_device
 class PredictionEpochLoop(Loop):
     """Runs ``predict_step`` over the batches of one dataloader."""
 
+    _runtime_attributes = {"eval_step": None}
+
     def __init__(self) -> None:
         super().__init__()
         self.batch_progress = Progress()

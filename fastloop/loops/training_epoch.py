@@ -9,6 +9,10 @@ Per batch (callbacks before the module at every ``[hook]``)::
     [on_train_batch_end(outputs, batch, batch_idx)]
     validation when due (val_check_interval, check_val_every_n_epoch, last batch)
     step-interval ReduceLROnPlateau schedulers
+
+Resumed from a checkpoint written after a batch's optimization, the epoch goes on with the next
+batch; the end work of the checkpointed batch that had not run (validation, from its start,
+and the lines after it) runs first.
 """
 from __future__ import annotations
 
@@ -22,15 +26,20 @@ from fastloop.loops.base import Loop
 from fastloop.loops.evaluation import EvaluationLoop
 from fastloop.loops.progress import BatchProgress, SchedulerProgress
 from fastloop.loops.training_batch import TrainingBatchLoop
+from fastloop.seed import isolate_rng
 
 
 class TrainingEpochLoop(Loop):
-    """Runs the batches of one epoch, validation when due, and LR schedulers."""
+    """Runs the batches of one epoch, validation when due, and LR schedulers.
 
-    def __init__(self, min_steps: Optional[int] = None, max_steps: int = -1) -> None:
+    ``min_steps``/``max_steps`` left as None take the trainer's limits when read; limits given
+    here, or assigned later, win over them.
+    """
+
+    def __init__(self, min_steps: Optional[int] = None, max_steps: Optional[int] = None) -> None:
         super().__init__()
-        if max_steps < -1:
-            raise ValueError(f"max_steps must be -1 (no limit) or >= 0, got {max_steps}")
+        self._min_steps: Optional[int] = None
+        self._max_steps: Optional[int] = None
         self.min_steps = min_steps
         self.max_steps = max_steps
         self.batch_progress = BatchProgress()
@@ -39,11 +48,46 @@ class TrainingEpochLoop(Loop):
         self.val_loop = EvaluationLoop(verbose=False)
         self._batches_that_stepped = 0
         self._outputs: List[Any] = []
+        self._end_of_batch_pending = False  # set by a restarting ``reset``
+        self._validation_interrupted = False
 
     def connect(  # type: ignore[override]
         self, batch_loop: Optional[TrainingBatchLoop] = None, val_loop: Optional[EvaluationLoop] = None
     ) -> None:
         super().connect(batch_loop=batch_loop, val_loop=val_loop)
+
+    # ------------------------------------------------------------------ limits
+    @property
+    def max_steps(self) -> int:
+        """This loop's limit; else the trainer's; else -1 (no limit)."""
+        if self._max_steps is not None:
+            return self._max_steps
+        return self._trainer.config.limits.max_steps if self._trainer is not None else -1
+
+    @max_steps.setter
+    def max_steps(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+            raise ValueError(f"max_steps must be None (the trainer's), -1 (no limit) or an int >= 0, got {value!r}")
+        self._max_steps = value
+
+    @property
+    def min_steps(self) -> Optional[int]:
+        """This loop's minimum; else the trainer's (None: no minimum)."""
+        if self._min_steps is not None or self._trainer is None:
+            return self._min_steps
+        return self._trainer.config.limits.min_steps
+
+    @min_steps.setter
+    def min_steps(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"min_steps must be None (the trainer's) or an int >= 0, got {value!r}")
+        self._min_steps = value
+
+    def _init_argument(self, name: str) -> Any:
+        # ``replace`` rebuilds a loop with the limits it was given (None: still the trainer's).
+        if name in ("min_steps", "max_steps"):
+            return getattr(self, "_" + name)
+        return super()._init_argument(name)
 
     # ---------------------------------------------------------------- counters
     @property
@@ -62,7 +106,8 @@ class TrainingEpochLoop(Loop):
 
     @property
     def max_steps_reached(self) -> bool:
-        return self.max_steps != -1 and self.global_step >= self.max_steps
+        max_steps = self.max_steps
+        return max_steps != -1 and self.global_step >= max_steps
 
     @property
     def min_steps_met(self) -> bool:
@@ -79,8 +124,23 @@ class TrainingEpochLoop(Loop):
             return True
         return self.trainer.should_stop and self.min_steps_met
 
+    @property
+    def resume_position(self) -> int:
+        """Batches of the current epoch that a restarted run does not redo: those whose
+        optimization ran (processed), even if their end hooks had not (a checkpoint written in
+        ``on_train_batch_end``). ``reset()`` rolls the counters forward to it."""
+        current = self.batch_progress.current
+        return max(current.completed, current.processed)
+
     def reset(self) -> None:
         if self.restarting:
+            # A checkpoint written after batch k's optimization (ready == processed == k) and
+            # before batch k+1 was fetched comes from batch k's on_train_batch_end (completed
+            # k - 1) or from its validation (completed k): ``on_run_start`` finishes that batch.
+            current = self.batch_progress.current
+            self._end_of_batch_pending = current.processed > 0 and current.ready == current.processed
+            self._validation_interrupted = self._end_of_batch_pending and current.completed == current.processed
+            self.batch_progress.finish_processed()
             self.batch_progress.reset_on_restart()
             self.scheduler_progress.reset_on_restart()
         else:
@@ -89,6 +149,21 @@ class TrainingEpochLoop(Loop):
             self.batch_loop.optimizer_loop.optim_progress.optimizer.reset_on_run()
         self.val_loop.epoch_loop.batch_progress.total.reset()
         self._outputs = []
+
+    def on_run_start(self, fetcher: DataFetcher) -> None:
+        if not self.restarting:
+            return
+        # Validation never resumes mid-way: one that was interrupted runs again from its start.
+        self.val_loop.restarting = False
+        pending, self._end_of_batch_pending = self._end_of_batch_pending, False
+        if not pending:
+            return
+        if self._validation_interrupted:
+            # The checkpoint's RNG state already includes what this validation drew before it.
+            with isolate_rng():
+                self.on_advance_end()
+        else:
+            self.on_advance_end()
 
     def advance(self, fetcher: DataFetcher) -> None:
         trainer = self.trainer
@@ -117,6 +192,7 @@ class TrainingEpochLoop(Loop):
         progress.increment_completed()
         if hooks.module_overrides("training_epoch_end"):
             self._outputs.append(outputs)
+        trainer.logger_connector.on_train_batch_end()
 
     def on_advance_end(self) -> None:
         trainer = self.trainer
@@ -192,10 +268,6 @@ class TrainingEpochLoop(Loop):
 
     def on_load_checkpoint(self, state_dict: dict) -> None:
         self._batches_that_stepped = state_dict.get("_batches_that_stepped", 0)
-
-    def _on_state_loaded(self) -> None:
-        # A batch whose optimization ran is not run again on resume.
-        self.batch_progress.finish_processed()
 
     def reset_progress(self) -> None:
         self.batch_progress.reset()

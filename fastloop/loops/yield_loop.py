@@ -28,6 +28,8 @@ from fastloop.loops.optimizer import OptimizerLoop
 class YieldLoop(OptimizerLoop):
     """An ``OptimizerLoop`` that takes each optimizer's loss from one generator per batch."""
 
+    _runtime_attributes = {"_generator": None}
+
     def __init__(self) -> None:
         super().__init__()
         self._generator: Optional[Generator[Any, None, None]] = None

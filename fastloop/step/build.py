@@ -12,6 +12,7 @@ can serve. Hooks that only observe a step run outside the fused graph; hooks tha
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, List
@@ -93,7 +94,30 @@ def train_step_blockers(loop: OptimizerLoop) -> List[str]:
             reasons.append(f"{hook} is overridden by {', '.join(owners)} and cannot run inside the fused graph")
     if trainer.config.precision != "32" and trainer.device.type == "cpu":
         reasons.append(f"precision {trainer.config.precision} has no fused CPU step")
+    if getattr(trainer, "detect_anomaly", False):
+        reasons.append("detect_anomaly=True: autograd's anomaly mode checks each backward op, which runs eagerly")
+    reasons.extend(module_blockers(trainer))
     return reasons
+
+
+def module_blockers(trainer: Any) -> List[str]:
+    """Why no step of this module can be compiled, training or evaluation."""
+    reasons = []
+    metrics = metric_objects(trainer.module)
+    if metrics:
+        reasons.append(
+            f"the module holds torchmetrics Metric(s) {', '.join(metrics)}: their state updates are Python side "
+            "effects that a compiled graph would not repeat"
+        )
+    return reasons
+
+
+def metric_objects(module: Any) -> List[str]:
+    """Names of the torchmetrics ``Metric`` submodules of ``module`` (none if torchmetrics is not loaded)."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    if torchmetrics is None:
+        return []
+    return [name for name, sub in module.named_modules() if isinstance(sub, torchmetrics.Metric)]
 
 
 def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
@@ -189,7 +213,7 @@ def build_eval_step(loop: Any) -> Callable[..., Any]:
     if mode == "eager":
         _report(loop, requested, "eager", [])
         return EagerEvalStep(loop)
-    reasons = []
+    reasons = module_blockers(trainer)
     module = trainer.module
     for hook in ("validation_step", "test_step", "predict_step"):
         fn = getattr(module, hook)

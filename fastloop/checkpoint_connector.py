@@ -1,0 +1,150 @@
+"""What a checkpoint holds and how a run is restored from one.
+
+``dump`` gathers the state of a run (model, hyperparameters, optimizers, schedulers, loops, RNG
+streams, callbacks, datamodule, the training loader's position); ``restore_model`` and
+``restore_run_state`` put it back; ``resolve`` turns ``ckpt_path="last"``/``"best"`` into a file.
+Files are written by ``fastloop.checkpoint.atomic_save``.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+import torch
+
+from fastloop import __version__
+from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save
+from fastloop.loops import Loop
+from fastloop.seed import capture_rng_states
+
+if TYPE_CHECKING:
+    from fastloop.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+LOOP_KEYS = {"fit": "fit_loop", "validate": "validate_loop", "test": "test_loop", "predict": "predict_loop"}
+
+
+def has_own_state(loader: Any) -> bool:
+    """A loader that saves and restores its position (``TensorLoader``); torch's ``DataLoader``
+    (whose state is recreated from the RNG instead) is not one."""
+    return (not isinstance(loader, torch.utils.data.DataLoader) and callable(getattr(loader, "state_dict", None))
+            and callable(getattr(loader, "load_state_dict", None)))
+
+
+class CheckpointConnector:
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    # ------------------------------------------------------------------ saving
+    def save(self, filepath: str, weights_only: bool = False) -> None:
+        """Write a checkpoint atomically: a reader sees the old file or the whole new one."""
+        if self.trainer.module is None:
+            raise RuntimeError("save_checkpoint() needs a model: call fit/validate/test/predict first")
+        atomic_save(self.dump(weights_only), filepath)
+
+    def dump(self, weights_only: bool = False) -> Dict[str, Any]:
+        from fastloop.hparams import checkpoint_entries
+
+        trainer = self.trainer
+        module = trainer.module
+        assert module is not None
+        datamodule = trainer.datamodule
+        checkpoint: Dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "fastloop_version": __version__,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "state_dict": module.state_dict(),
+        }
+        checkpoint.update(checkpoint_entries(module, datamodule))
+        if not weights_only:
+            checkpoint["loops"] = {key: getattr(trainer, key).state_dict() for key in LOOP_KEYS.values()}
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+            checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+            checkpoint["rng_states"] = capture_rng_states()
+            checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.hooks.callbacks}
+            if datamodule is not None:
+                checkpoint["datamodule"] = datamodule.state_dict()
+            loader = trainer.train_data.loaders[0] if trainer.train_data is not None else None
+            if loader is not None and has_own_state(loader):
+                checkpoint["train_loader"] = loader.state_dict()
+        trainer.hooks.call_callbacks("on_save_checkpoint", checkpoint)
+        trainer.hooks.call_module("on_save_checkpoint", checkpoint)
+        if datamodule is not None:
+            datamodule.on_save_checkpoint(checkpoint)
+        return checkpoint
+
+    # ------------------------------------------------------------------ restoring
+    def resolve(self, ckpt_path: Optional[str], fn: str) -> Optional[str]:
+        """``"last"``/``"best"`` through the checkpoint callbacks; a path as it is.
+
+        ``"last"`` takes the callback's ``last_model_path``, else the newest ``last*.ckpt``, else
+        the newest ``.ckpt`` in its directory; with none there the run starts from scratch (as in
+        Lightning), so one command can both start and resume a preemptible job.
+        """
+        if ckpt_path not in ("last", "best"):
+            return ckpt_path
+        callbacks = self.trainer.checkpoint_callbacks
+        if ckpt_path == "best":
+            paths = [cb.best_model_path for cb in callbacks if getattr(cb, "best_model_path", "")]
+            if not paths:
+                raise ValueError(
+                    f'trainer.{fn}(ckpt_path="best") needs a ModelCheckpoint that has saved a best model; '
+                    + ("none is configured" if not callbacks else "none has saved one yet")
+                )
+            return paths[0]
+        candidates = [cb.last_model_path for cb in callbacks if getattr(cb, "last_model_path", "")]
+        for cb in callbacks:
+            dirpath = getattr(cb, "dirpath", None)
+            if dirpath and os.path.isdir(dirpath):
+                files = glob.glob(os.path.join(dirpath, "last*.ckpt")) or glob.glob(os.path.join(dirpath, "*.ckpt"))
+                candidates.extend(files)
+        existing = [p for p in candidates if os.path.isfile(p)]
+        if not existing:
+            log.warning('trainer.%s(ckpt_path="last"): no checkpoint found; starting from scratch', fn)
+            return None
+        return max(existing, key=os.path.getmtime)
+
+    def restore_model(self, checkpoint: Dict[str, Any]) -> None:
+        trainer = self.trainer
+        assert trainer.module is not None
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            datamodule.on_load_checkpoint(checkpoint)
+        trainer.hooks.call_module("on_load_checkpoint", checkpoint)
+        trainer.hooks.call_callbacks("on_load_checkpoint", checkpoint)
+        trainer.module.load_state_dict(checkpoint["state_dict"])
+
+    def restore_run_state(self, checkpoint: Dict[str, Any], fn: str, loop: Loop) -> None:
+        if fn != "fit":
+            return
+        trainer = self.trainer
+        states = checkpoint.get("optimizer_states")
+        if states is None:
+            raise CheckpointError("the checkpoint holds weights only; it cannot resume training")
+        if len(states) != len(trainer.optimizers):
+            raise CheckpointError(
+                f"the checkpoint holds {len(states)} optimizer states but configure_optimizers returned "
+                f"{len(trainer.optimizers)} optimizers"
+            )
+        for opt, state in zip(trainer.optimizers, states):
+            opt.load_state_dict(state)
+        scheds = checkpoint.get("lr_schedulers", [])
+        if len(scheds) != len(trainer.lr_scheduler_configs):
+            raise CheckpointError(
+                f"the checkpoint holds {len(scheds)} LR scheduler states but configure_optimizers returned "
+                f"{len(trainer.lr_scheduler_configs)} schedulers"
+            )
+        for config, state in zip(trainer.lr_scheduler_configs, scheds):
+            config.scheduler.load_state_dict(state)
+        for cb in trainer.hooks.callbacks:
+            if cb.state_key in checkpoint.get("callbacks", {}):
+                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+        if trainer.datamodule is not None and "datamodule" in checkpoint:
+            trainer.datamodule.load_state_dict(checkpoint["datamodule"])
+        loops = checkpoint.get("loops", {})
+        if LOOP_KEYS[fn] in loops:
+            loop.load_state_dict(loops[LOOP_KEYS[fn]])

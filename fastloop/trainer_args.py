@@ -1,0 +1,152 @@
+"""Lightning 1.x ``Trainer`` arguments that fastloop maps onto its own configuration, and the
+ones it does not support.
+
+A ported script passes arguments fastloop has no use for (``profiler=None``, ``gpus=0``...).
+Those given at Lightning's default value change nothing and are accepted; any other value is
+an error that names the argument, never silently ignored.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+# Lightning 1.9 Trainer arguments fastloop does not implement, with the default value that
+# means "feature off" there (so passing it explicitly is harmless).
+UNSUPPORTED_WITH_DEFAULT: Dict[str, Any] = {
+    "num_nodes": 1,
+    "strategy": None,
+    "plugins": None,
+    "profiler": None,
+    "max_time": None,
+    "gpus": None,
+    "tpu_cores": None,
+    "ipus": None,
+    "auto_select_gpus": None,
+    "auto_lr_find": False,
+    "auto_scale_batch_size": False,
+    "track_grad_norm": -1,
+    "sync_batchnorm": False,
+    "replace_sampler_ddp": True,
+    "move_metrics_to_cpu": False,
+    "multiple_trainloader_mode": "max_size_cycle",
+    "inference_mode": True,
+    "amp_backend": None,
+    "amp_level": None,
+    "resume_from_checkpoint": None,
+    "process_position": 0,
+    "log_gpu_memory": None,
+    "weights_save_path": None,
+    "flush_logs_every_n_steps": None,
+    "checkpoint_callback": None,
+    "stochastic_weight_avg": False,
+    "terminate_on_nan": None,
+    "prepare_data_per_node": None,
+    "reload_dataloaders_every_epoch": False,
+}
+# What to do instead, where there is something to say.
+_ADVICE = {
+    "strategy": "fastloop runs in one process for now (distributed training is planned)",
+    "num_nodes": "fastloop runs in one process for now (distributed training is planned)",
+    "gpus": "use accelerator='gpu', devices=1",
+    "resume_from_checkpoint": "pass ckpt_path= to trainer.fit()",
+    "max_time": "use max_epochs or max_steps, or a callback that sets trainer.should_stop",
+    "terminate_on_nan": "fastloop has no non-finite loss policy yet",
+    "stochastic_weight_avg": "use torch.optim.swa_utils in your module",
+    "reload_dataloaders_every_epoch": "use reload_dataloaders_every_n_epochs=1",
+}
+_PRECISIONS = {"32": "32", "32-true": "32", "16": "16-mixed", "16-mixed": "16-mixed",
+               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
+
+
+def check_unsupported(arguments: Dict[str, Any]) -> None:
+    """Raise for any argument fastloop does not know, or knows but does not implement."""
+    for name, value in arguments.items():
+        if name not in UNSUPPORTED_WITH_DEFAULT:
+            raise TypeError(f"Trainer() got an unexpected keyword argument {name!r}")
+        default = UNSUPPORTED_WITH_DEFAULT[name]
+        if value is None or value == default or (name == "strategy" and value in ("auto", "single_device")):
+            continue
+        if name == "gpus" and value in (0, [], "0"):
+            continue
+        advice = _ADVICE.get(name)
+        raise ValueError(
+            f"Trainer({name}={value!r}) is not supported by fastloop"
+            + (f": {advice}" if advice else f"; leave it at Lightning's default ({default!r})")
+        )
+
+
+def normalize_precision(precision: Union[int, str]) -> str:
+    """Lightning 1.x spellings (32, 16, "bf16") to fastloop's ("32", "16-mixed", "bf16-mixed")."""
+    key = str(precision)
+    if key not in _PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; use 32, 16 / '16-mixed' or 'bf16' / 'bf16-mixed'")
+    return _PRECISIONS[key]
+
+
+def check_devices(devices: Any, accelerator: str) -> None:
+    """One device for now: ``None``, ``"auto"``, ``1``, ``[0]``, ``"1"`` are accepted."""
+    if devices in (None, "auto", 1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1):
+        if isinstance(devices, (list, tuple)) and devices[0] != 0 and accelerator in ("gpu", "cuda"):
+            if devices[0] >= torch.cuda.device_count():
+                raise ValueError(f"devices={devices!r}: there is no CUDA device {devices[0]}")
+        return
+    raise ValueError(
+        f"Trainer(devices={devices!r}) asks for several devices; fastloop runs on one device per process for now"
+    )
+
+
+@dataclass(frozen=True)
+class DebugFlags:
+    """``fast_dev_run`` and ``overfit_batches`` resolved to the limits they imply."""
+
+    fast_dev_run: int  # batches per stage, 0 when off
+    overfit_batches: Union[int, float]
+
+    @staticmethod
+    def parse(fast_dev_run: Union[int, bool], overfit_batches: Union[int, float]) -> "DebugFlags":
+        if isinstance(fast_dev_run, bool):
+            runs = int(fast_dev_run)
+        elif isinstance(fast_dev_run, int) and fast_dev_run >= 0:
+            runs = fast_dev_run
+        else:
+            raise ValueError(f"fast_dev_run must be a bool or an int >= 0, got {fast_dev_run!r}")
+        if isinstance(overfit_batches, bool) or not isinstance(overfit_batches, (int, float)) or overfit_batches < 0:
+            raise ValueError(f"overfit_batches must be an int >= 0 or a float in [0, 1], got {overfit_batches!r}")
+        if isinstance(overfit_batches, float) and overfit_batches > 1.0:
+            raise ValueError(f"overfit_batches={overfit_batches} is a fraction above 1.0; pass an int to count batches")
+        return DebugFlags(runs, overfit_batches)
+
+    def apply(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        """The Trainer arguments changed as Lightning 1.9 changes them for these flags."""
+        args = dict(args)
+        overfit = self.overfit_batches > 0
+        if self.fast_dev_run:
+            n = self.fast_dev_run
+            if not overfit:
+                args["limit_train_batches"] = n
+                args["limit_val_batches"] = n
+            args["limit_test_batches"] = n
+            args["limit_predict_batches"] = n
+            args["max_steps"] = n
+            args["max_epochs"] = 1
+            args["num_sanity_val_steps"] = 0
+            args["val_check_interval"] = 1.0
+            args["check_val_every_n_epoch"] = 1
+        if overfit:
+            args["limit_train_batches"] = self.overfit_batches
+            args["limit_val_batches"] = self.overfit_batches
+        return args
+
+
+def estimated_stepping_batches(max_epochs: Optional[int], max_steps: int, batches_per_epoch: Union[int, float],
+                               accumulate_grad_batches: int) -> Union[int, float]:
+    """Optimizer steps a fit will take, as Lightning 1.9 estimates them."""
+    if max_epochs in (None, -1):
+        return math.inf if max_steps == -1 else max_steps
+    if batches_per_epoch == math.inf:
+        return max_steps
+    steps = math.ceil(batches_per_epoch / accumulate_grad_batches) * max(max_epochs, 1)
+    return steps if max_steps == -1 else min(steps, max_steps)
