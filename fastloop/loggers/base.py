@@ -147,8 +147,13 @@ def atomic_write_text(path: str, write: Callable[[IO[str]], None]) -> None:
     """Write a text file so that ``path`` is always either the previous file or the complete new one.
 
     ``write(f)`` fills a temporary file in the same directory (opened with ``newline=""``: no line
-    ending translation), which is fsynced and then ``os.replace``d over ``path``. The directory
-    must exist. On any error the temporary file is removed and ``path`` is left untouched.
+    ending translation), which is then ``os.replace``d over ``path``. The directory must exist. On
+    any error the temporary file is removed and ``path`` is left untouched.
+
+    No fsync: a killed process cannot leave a partial file (the rename is atomic and the data is
+    in the page cache); only a power loss could lose the latest rows. An fsync cost ~2.4 ms here,
+    which at one CSV flush per 100 steps was ~7 % of a 340 us compiled step (checkpoints, which
+    must survive a power loss, are fsynced by ``fastloop.checkpoint.atomic_save``).
     """
     directory, base = os.path.split(os.path.abspath(path))
     # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600
@@ -156,8 +161,6 @@ def atomic_write_text(path: str, write: Callable[[IO[str]], None]) -> None:
     try:
         with open(tmp, "x", encoding="utf-8", newline="") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

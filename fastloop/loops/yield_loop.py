@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Generator, Optional, Sequence, Tuple
 
 from torch.optim import Optimizer
 
-from fastloop.loops.optimizer import OptimizerLoop
+from fastloop.loops.optimizer import OptimizerLoop, has_parameter
 
 
 class YieldLoop(OptimizerLoop):
@@ -40,7 +40,12 @@ class YieldLoop(OptimizerLoop):
 
     def on_run_start(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> None:
         super().on_run_start(batch, optimizers, batch_idx)
-        self._generator = self.call_training_step(batch, batch_idx)
+        # As Lightning's yield-loop example: a training_step that takes optimizer_idx gets the
+        # first active optimizer's index (the generator then serves them all).
+        module = self.trainer.module
+        several = len(self.trainer.optimizers) > 1
+        first = optimizers[0][0] if several and has_parameter(module.training_step, "optimizer_idx") else None
+        self._generator = self.call_training_step(batch, batch_idx, first)
 
     def make_step_fn(self, batch: Any, batch_idx: int, optimizer_idx: int) -> Callable[[], Any]:
         return partial(self._next_loss, optimizer_idx)
