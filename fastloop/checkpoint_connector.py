@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
@@ -78,6 +79,20 @@ class CheckpointConnector:
         return checkpoint
 
     # ------------------------------------------------------------------ restoring
+    def default_ckpt_path(self, fn: str, ckpt_path: Optional[str], model_given: bool) -> Optional[str]:
+        """Lightning 1.9's choice of weights for ``validate/test/predict`` called without a model
+        after an earlier call attached one: the best checkpoint (``"best"``, which needs a
+        ``ModelCheckpoint`` that saved one), with a warning. A given model or path is used as is."""
+        if ckpt_path is not None or model_given or fn == "fit" or self.trainer.module is None:
+            return ckpt_path
+        warnings.warn(
+            f"`.{fn}(ckpt_path=None)` was called without a model. The best model of the previous `fit` call will "
+            f"be used. You can pass `.{fn}(ckpt_path='best')` to use the best model or `.{fn}(ckpt_path='last')` "
+            "to use the last model. If you pass a value, this warning will be silenced.",
+            UserWarning, stacklevel=4,  # the user's validate/test/predict call
+        )
+        return "best"
+
     def resolve(self, ckpt_path: Optional[str], fn: str) -> Optional[str]:
         """``"last"``/``"best"`` through the checkpoint callbacks; a path as it is.
 

@@ -9,7 +9,7 @@ no host-device synchronisation.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -46,6 +46,13 @@ class LoggerConnector:
             raise ValueError(f"log_every_n_steps must be an int >= 0, got {log_every_n_steps!r}")
         self.trainer = trainer
         self.log_every_n_steps = log_every_n_steps
+        # Rows of per-batch evaluation values are numbered by a batch counter per stage and
+        # dataloader, which runs on across validation runs of one fit (as Lightning's).
+        self._eval_batches: Dict[Tuple[str, int], int] = {}
+
+    def reset_evaluation_steps(self) -> None:
+        """At each entry point, and when loaders are reloaded."""
+        self._eval_batches = {}
 
     def _batches_that_stepped(self) -> int:
         loop = self.trainer._counting_fit_loop()
@@ -93,6 +100,17 @@ class LoggerConnector:
         row = dict(trainer.metrics.epoch_log)
         row.setdefault("epoch", trainer.current_epoch)
         self.log_metrics(row, step=self._batches_that_stepped() - 1)
+
+    def on_evaluation_batch_end(self, dataloader_idx: int) -> None:
+        """After an evaluation batch's end hooks: its per-step values, if any were logged."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return
+        key = (trainer.state.eval_stage, dataloader_idx)
+        step = self._eval_batches.get(key, 0)
+        self._eval_batches[key] = step + 1
+        if trainer.loggers and trainer.metrics.step_log:
+            self.log_metrics(trainer.metrics.step_log, step=step, save=False)
 
     def on_evaluation_end(self) -> None:
         """After a validation or test run (not a sanity check): its epoch values."""

@@ -179,10 +179,13 @@ class MetricLogger:
             self._prog_bar_keys.add(key)
         if on_step:
             step_key = key + "_step" if on_epoch else key
-            self._publish(step_key, value, logger)
-            if logger and self._trainer.state.training:
+            # As in Lightning, per-step values of evaluation go to loggers and the progress bar
+            # only; callbacks see evaluation values once reduced.
+            training = self._trainer.state.training
+            self._publish(step_key, value, logger, callback=training)
+            if logger:
                 self.step_log[step_key] = value
-            if on_epoch:
+            if on_epoch and training:
                 self.callback_metrics[key] = value
         if on_epoch:
             acc = self._epoch.get(key)
@@ -228,8 +231,9 @@ class MetricLogger:
         self._epoch_options = {}
         return reduced
 
-    def _publish(self, key: str, value: torch.Tensor, logger: bool) -> None:
-        self.callback_metrics[key] = value
+    def _publish(self, key: str, value: torch.Tensor, logger: bool, callback: bool = True) -> None:
+        if callback:
+            self.callback_metrics[key] = value
         if logger:
             self.logged_metrics[key] = value
         if key in self._prog_bar_keys or key.rsplit("_", 1)[0] in self._prog_bar_keys:

@@ -261,6 +261,7 @@ class Trainer:
 
     def _run(self, fn: str, model: Optional[Module], datamodule: Optional[DataModule], ckpt_path: Optional[str],
              **loaders: Any) -> Any:
+        ckpt_path = self.checkpoint_connector.default_ckpt_path(fn, ckpt_path, model_given=model is not None)
         if model is None:
             if self.module is None:
                 raise TypeError(f"trainer.{fn}() needs a model: none was given and none was fitted before")
@@ -283,6 +284,7 @@ class Trainer:
         self._checkpoint_loader_state = None
         self.train_data = None
         self.metrics = MetricLogger(self)  # callback/logged metrics start empty at each entry point
+        self.logger_connector.reset_evaluation_steps()
         self.hooks = HookDispatcher(self, model, self.callbacks + list(model.configure_callbacks() or []))
         self.data.attach(datamodule, **loaders)
         loop: Loop = getattr(self, _LOOP_KEYS[fn])
@@ -393,6 +395,7 @@ class Trainer:
     def reload_dataloaders(self) -> None:
         """Ask the data sources for fresh loaders at their next use (outer loops changing data)."""
         self.data.clear_cache()
+        self.logger_connector.reset_evaluation_steps()
 
     @property
     def num_training_batches(self) -> Union[int, float]:

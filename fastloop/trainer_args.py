@@ -3,15 +3,19 @@ ones it does not support.
 
 A ported script passes arguments fastloop has no use for (``profiler=None``, ``gpus=0``...).
 Those given at Lightning's default value change nothing and are accepted; any other value is
-an error that names the argument, never silently ignored.
+an error that names the argument, never silently ignored. ``without_shuffling`` gives the
+in-order loaders ``overfit_batches`` asks for.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
 import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 # Lightning 1.9 Trainer arguments fastloop does not implement, with the default value that
 # means "feature off" there (so passing it explicitly is harmless).
@@ -150,3 +154,41 @@ def estimated_stepping_batches(max_epochs: Optional[int], max_steps: int, batche
         return max_steps
     steps = math.ceil(batches_per_epoch / accumulate_grad_batches) * max(max_epochs, 1)
     return steps if max_steps == -1 else min(steps, max_steps)
+
+
+def without_shuffling(loader: Any, stage: str) -> Any:
+    """``loader`` reading its data in order, for ``overfit_batches`` (Lightning 1.9 turns shuffling
+    off with a warning, so that the same few batches come every epoch).
+
+    A ``DataLoader`` with a ``RandomSampler`` is rebuilt with a ``SequentialSampler`` (the user's
+    loader is left as it is); a ``TensorLoader`` (or another loader with a ``shuffle`` flag) is
+    copied with ``shuffle=False``. Any other loader is returned unchanged.
+    """
+    if isinstance(loader, DataLoader):
+        if not isinstance(loader.sampler, RandomSampler):
+            return loader
+        if type(loader) is not DataLoader or loader.batch_size is None:
+            # A subclass or a custom batch sampler: rebuilding could lose what it adds.
+            warnings.warn(f"overfit_batches: the {stage} dataloader shuffles and cannot be rebuilt without "
+                          "shuffling; pass one with shuffle=False", UserWarning, stacklevel=2)
+            return loader
+        _warn_shuffling_off(stage)
+        extra = dict(prefetch_factor=loader.prefetch_factor) if loader.num_workers > 0 else {}
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=SequentialSampler(loader.dataset),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+            persistent_workers=loader.persistent_workers, **extra,
+        )
+    if getattr(loader, "shuffle", False) is True:
+        _warn_shuffling_off(stage)
+        unshuffled = copy.copy(loader)
+        unshuffled.shuffle = False
+        return unshuffled
+    return loader
+
+
+def _warn_shuffling_off(stage: str) -> None:
+    warnings.warn(f"You requested to overfit but enabled {stage} dataloader shuffling. "
+                  f"We are turning off the {stage} dataloader shuffling for you.", UserWarning, stacklevel=3)

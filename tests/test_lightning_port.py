@@ -139,9 +139,6 @@ def test_autoencoder_hparams_and_checkpoints():
         assert_same_tensors(model, loaded)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="fastloop puts evaluation `_step` values (val_loss_step) into callback_metrics, where "
-                          "Lightning 1.9.5 only logs them, and writes no row per evaluation batch")
 def test_autoencoder_logged_names_and_rows():
     _, trainer = fit_autoencoder(log_every_n_steps=2)
     # Lightning: an evaluation value logged on step and epoch reaches callback_metrics under its

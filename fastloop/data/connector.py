@@ -107,6 +107,10 @@ class DataConnector:
         """Loaders of ``stage`` and the batches to run from each (requested once per call)."""
         if stage not in self._cache:
             loaders = self._request(stage)
+            if self._trainer.overfit_batches > 0:
+                from fastloop.trainer_args import without_shuffling
+
+                loaders = [without_shuffling(dl, stage) for dl in loaders]
             what = f"limit_{stage}_batches"
             self._cache[stage] = StageData(loaders, [count_batches(dl, limit, what) for dl in loaders])
         return self._cache[stage]

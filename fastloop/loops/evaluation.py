@@ -72,6 +72,7 @@ class EvaluationEpochLoop(Loop):
         self.batch_progress.increment_processed()
         trainer.hooks.call(f"on_{stage}_batch_end", output, batch, batch_idx, dataloader_idx)
         self.batch_progress.increment_completed()
+        trainer.logger_connector.on_evaluation_batch_end(dataloader_idx)
         if trainer.hooks.module_overrides(f"{stage}_epoch_end"):
             self._outputs.append(output)
 

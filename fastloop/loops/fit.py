@@ -196,6 +196,7 @@ class FitLoop(Loop):
         val_loop.reset_progress()
         trainer.metrics.callback_metrics.clear()
         trainer.metrics.logged_metrics.clear()
+        trainer.metrics.progress_bar_metrics.clear()
 
     def on_advance_start(self) -> None:
         trainer = self.trainer
