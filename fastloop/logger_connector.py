@@ -80,16 +80,20 @@ class LoggerConnector:
 
     # ------------------------------------------------------------ training
     def on_train_batch_end(self) -> None:
-        """After the batch's ``on_train_batch_end`` hooks: a row of step values when due."""
+        """After the batch's ``on_train_batch_end`` hooks: a row of step values when due.
+        Runs every batch: the cheap checks come first."""
         trainer = self.trainer
         if not trainer.loggers or not trainer.metrics.step_log:
             return
         loop = trainer._counting_fit_loop()
-        if loop is None or loop.epoch_loop._should_accumulate():
+        if loop is None:
             return
-        due = self.log_every_n_steps and (self._batches_that_stepped() + 1) % self.log_every_n_steps == 0
-        if due or trainer.should_stop or trainer.fast_dev_run:
-            self.log_metrics(trainer.metrics.step_log, save=False)
+        epoch_loop = loop.epoch_loop
+        every = self.log_every_n_steps
+        due = every and (epoch_loop._batches_that_stepped + 1) % every == 0
+        if not (due or trainer.should_stop or trainer.debug.fast_dev_run) or epoch_loop._should_accumulate():
+            return
+        self.log_metrics(trainer.metrics.step_log, save=False)
 
     def on_train_epoch_end(self) -> None:
         """After ``epoch_end`` reduced the epoch: its values, at the last step of the epoch."""

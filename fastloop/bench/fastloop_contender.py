@@ -38,6 +38,16 @@ class BenchModule(Module):
         return self.make_optimizer(list(self.net.parameters()))
 
 
+class LoggingBenchModule(BenchModule):
+    """``BenchModule`` that also logs its loss every step, shown in the progress bar."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.loss_fn(self.net(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+
 class _DriverCallback(Callback):
     def __init__(self, driver: FitDriver) -> None:
         self.driver = driver
@@ -56,11 +66,19 @@ def mode_used(trainer: Trainer) -> str:
 
 
 class FastloopContender(Contender):
-    """``Trainer(mode=...)`` with no progress bar and no sanity check, one fit for the whole run."""
+    """``Trainer(mode=...)`` with no progress bar and no sanity check, one fit for the whole run.
 
-    def __init__(self, mode: str) -> None:
+    ``log_loss``: the module logs its loss every step (``self.log(..., prog_bar=True)``).
+    ``lightning_defaults``: the Trainer keeps Lightning's default callbacks and logger (progress
+    bar, model summary, ModelCheckpoint, CSVLogger); otherwise they are all off.
+    """
+
+    def __init__(self, mode: str, log_loss: bool = False, lightning_defaults: bool = False) -> None:
         self.mode_requested = mode
-        self.name = f"fastloop-{mode}"
+        self.log_loss = log_loss
+        self.lightning_defaults = lightning_defaults
+        suffix = "+defaults" if lightning_defaults else "+log" if log_loss else ""
+        self.name = f"fastloop-{mode}{suffix}"
         self.driver: Optional[FitDriver] = None
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -71,12 +89,14 @@ class FastloopContender(Contender):
     def setup(self, spec: RunSpec) -> None:
         self.spec = spec
         net = copy.deepcopy(spec.model).to(spec.device)
-        self.module = BenchModule(net, spec.workload.loss_fn, spec.workload.make_optimizer)
+        module_class = LoggingBenchModule if self.log_loss else BenchModule
+        self.module = module_class(net, spec.workload.loss_fn, spec.workload.make_optimizer)
         self.driver = FitDriver(spec.device)
         self._tmp = tempfile.TemporaryDirectory(prefix="fastloop-bench-")
+        defaults = {} if self.lightning_defaults else dict(
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
         self.trainer = Trainer(
-            max_epochs=1, max_steps=spec.total_steps, enable_progress_bar=False, num_sanity_val_steps=0,
-            logger=False, enable_checkpointing=False, enable_model_summary=False,
+            max_epochs=1, max_steps=spec.total_steps, num_sanity_val_steps=0, **defaults,
             mode=self.mode_requested, accelerator=spec.device.type, callbacks=[_DriverCallback(self.driver)],
             default_root_dir=self._tmp.name,
         )

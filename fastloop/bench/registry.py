@@ -16,6 +16,9 @@ CONTENDERS: Dict[str, Callable[[], Contender]] = {
     "fastloop-eager": lambda: FastloopContender("eager"),
     "fastloop-compiled": lambda: FastloopContender("compiled"),
     "fastloop-cudagraph": lambda: FastloopContender("cudagraph"),
+    # The cost of Lightning's default callbacks and logger: both log the loss every step.
+    "fastloop-compiled+log": lambda: FastloopContender("compiled", log_loss=True),
+    "fastloop-compiled+defaults": lambda: FastloopContender("compiled", log_loss=True, lightning_defaults=True),
     "torch-compile-ro": TorchCompileReduceOverhead,
     "lightning": LightningContender,
 }
