@@ -18,14 +18,13 @@ from torch.optim import Optimizer
 from fastloop import hparams as _hparams
 from fastloop.hparams import HyperparametersMixin
 from fastloop.optim import LoopOptimizer, clip_gradients
+from fastloop.results import REDUCE_FX_CALLABLES
 
 if TYPE_CHECKING:
     from fastloop.trainer import Trainer
 
 
 # Reductions given as functions, by the name the metric logger takes.
-_REDUCE_FX_NAMES = ((torch.mean, "mean"), (torch.sum, "sum"), (torch.max, "max"), (torch.min, "min"),
-                    (builtins.sum, "sum"), (builtins.max, "max"), (builtins.min, "min"))
 
 
 class Module(HyperparametersMixin, nn.Module):
@@ -119,7 +118,7 @@ class Module(HyperparametersMixin, nn.Module):
         if logger is None:
             logger = True
         if not isinstance(reduce_fx, str):  # torch.mean & co. by name (identity tests also trace well)
-            reduce_fx = next((n for fn, n in _REDUCE_FX_NAMES if reduce_fx is fn), reduce_fx)
+            reduce_fx = next((n for fn, n in REDUCE_FX_CALLABLES if reduce_fx is fn), reduce_fx)
         self._trainer.metrics.log(
             name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
             reduce_fx=reduce_fx, batch_size=batch_size,

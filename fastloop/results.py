@@ -5,9 +5,10 @@ host-device synchronisation to a step. ``trainer.callback_metrics`` exposes the 
 """
 from __future__ import annotations
 
+import builtins
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     from fastloop.trainer import Trainer
 
 _REDUCTIONS = ("mean", "sum", "max", "min")
-_TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+# ``reduce_fx`` may be one of these callables (Lightning accepts them); matched by identity.
+REDUCE_FX_CALLABLES = ((torch.mean, "mean"), (torch.sum, "sum"), (torch.max, "max"), (torch.min, "min"),
+                       (builtins.sum, "sum"), (builtins.max, "max"), (builtins.min, "min"))
 # Training hooks whose logs default to per-epoch values rather than per-step ones.
 _EPOCH_LEVEL_TRAIN_HOOKS = {
     "on_train_start", "on_train_end", "on_train_epoch_start", "on_train_epoch_end", "training_epoch_end",
@@ -84,7 +87,7 @@ def _reduce_fx_name(name: str, reduce_fx: Any) -> str:
     if isinstance(reduce_fx, str):
         fx = reduce_fx.lower()
     else:
-        fx = _TORCH_REDUCTIONS.get(reduce_fx)
+        fx = next((n for fn, n in REDUCE_FX_CALLABLES if reduce_fx is fn), None)
     if fx not in _REDUCTIONS:
         raise ValueError(
             f"self.log({name!r}): reduce_fx must be one of {_REDUCTIONS} or torch.mean/sum/max/min, got {reduce_fx!r}"

@@ -32,9 +32,9 @@ from fastloop.logger_connector import LoggerArg, LoggerConnector, configure_logg
 from fastloop.results import MetricLogger
 from fastloop.seed import restore_rng_states
 from fastloop.state import TrainerState
-from fastloop.trainer_args import (
-    DebugFlags, check_devices, check_unsupported, estimated_stepping_batches, normalize_precision,
-)
+from fastloop.callbacks.defaults import as_callback_list, with_default_callbacks
+from fastloop.trainer_args import DebugFlags, check_devices, check_unsupported, normalize_precision, set_determinism
+from fastloop.trainer_attributes import TrainerAttributes
 
 
 def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
@@ -44,61 +44,13 @@ def iter_loops(loop: Loop, prefix: str) -> Iterator[Tuple[str, Loop]]:
         yield from iter_loops(child, f"{prefix}.{name}")
 
 
-def _as_list(callbacks: Optional[Union[Callback, Sequence[Callback]]]) -> List[Callback]:
-    if callbacks is None:
-        return []
-    if isinstance(callbacks, Callback):
-        return [callbacks]
-    callbacks = list(callbacks)
-    for cb in callbacks:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"Trainer(callbacks=...) got a {type(cb).__name__}; callbacks must subclass fastloop.Callback")
-    return callbacks
-
-
-def _default_callbacks(callbacks: List[Callback], enable_checkpointing: bool, enable_progress_bar: bool,
-                       enable_model_summary: bool) -> List[Callback]:
-    """The user's callbacks plus Lightning's defaults: a progress bar, a model summary and a
-    ``ModelCheckpoint`` (each only when the user gave none of its kind)."""
-    from fastloop.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
-
-    callbacks = list(callbacks)
-    has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
-    if has_checkpoint and not enable_checkpointing:
-        raise ValueError("Trainer(enable_checkpointing=False) was given a ModelCheckpoint callback; drop one of them")
-    if enable_checkpointing and not has_checkpoint:
-        callbacks.append(ModelCheckpoint())
-    if enable_model_summary and not any(isinstance(cb, ModelSummary) for cb in callbacks):
-        callbacks.append(ModelSummary())
-    if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
-        callbacks.append(ProgressBar())
-    # As in Lightning, checkpoint callbacks run last, so they see what other callbacks logged.
-    return [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)] + [
-        cb for cb in callbacks if isinstance(cb, ModelCheckpoint)
-    ]
-
-
-def _set_determinism(deterministic: Optional[Union[bool, str]], benchmark: Optional[bool]) -> None:
-    """``deterministic``: torch's deterministic algorithms ("warn": warn instead of raising);
-    ``benchmark``: cuDNN autotuning (off by default, and always off when deterministic)."""
-    if deterministic not in (None, True, False, "warn"):
-        raise ValueError(f"deterministic must be None, True, False or 'warn', got {deterministic!r}")
-    if deterministic and benchmark:
-        raise ValueError("Trainer(deterministic=True, benchmark=True): cuDNN autotuning is not deterministic")
-    if deterministic is not None:
-        torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-    torch.backends.cudnn.benchmark = bool(benchmark) if benchmark is not None else False
-
-
 def _only_datamodule(given: Optional[DataModule], positional: DataModule, fn: str) -> DataModule:
     if given is not None:
         raise ValueError(f"trainer.{fn}() got a DataModule both as a dataloader and as datamodule=; pass one")
     return positional
 
 
-class Trainer:
+class Trainer(TrainerAttributes):
     """Runs a ``Module`` through fit/validate/test/predict loops."""
 
     def __init__(
@@ -171,15 +123,15 @@ class Trainer:
         self.detect_anomaly = bool(detect_anomaly)
         self.reload_dataloaders_every_n_epochs = reload_dataloaders_every_n_epochs
         self.deterministic = deterministic
-        _set_determinism(deterministic, benchmark)
+        set_determinism(deterministic, benchmark)
         # fp16 ("16-mixed") on the eager path: torch's GradScaler (the fused step keeps its own
         # scale on the device, see fastloop.step.precision).
         self.grad_scaler = make_grad_scaler(self.device.type, self.config.precision)
         self.default_root_dir = os.fspath(default_root_dir) if default_root_dir else os.getcwd()
         # fast_dev_run suppresses logging and checkpointing, as in Lightning.
         self.loggers = [] if self.fast_dev_run else configure_loggers(logger, self.default_root_dir)
-        self.callbacks: List[Callback] = _default_callbacks(
-            _as_list(callbacks), enable_checkpointing, enable_progress_bar, enable_model_summary,
+        self.callbacks: List[Callback] = with_default_callbacks(
+            as_callback_list(callbacks), enable_checkpointing, enable_progress_bar, enable_model_summary,
         )
         self.state = TrainerState()
         self.metrics = MetricLogger(self)
@@ -527,50 +479,6 @@ class Trainer:
         loop = self._counting_fit_loop()
         return loop.max_steps if loop is not None else -1
 
-    @property
-    def lightning_module(self) -> Optional[Module]:
-        return self.module
-
-    @property
-    def model(self) -> Optional[Module]:
-        return self.module
-
-    @property
-    def datamodule(self) -> Optional[DataModule]:
-        return self.data.datamodule
-
-    @property
-    def callback_metrics(self) -> Dict[str, torch.Tensor]:
-        return self.metrics.callback_metrics
-
-    @property
-    def logged_metrics(self) -> Dict[str, torch.Tensor]:
-        return self.metrics.logged_metrics
-
-    @property
-    def progress_bar_metrics(self) -> Dict[str, torch.Tensor]:
-        return self.metrics.progress_bar_metrics
-
-    @property
-    def training(self) -> bool:
-        return self.state.training
-
-    @property
-    def validating(self) -> bool:
-        return self.state.validating
-
-    @property
-    def testing(self) -> bool:
-        return self.state.testing
-
-    @property
-    def predicting(self) -> bool:
-        return self.state.predicting
-
-    @property
-    def sanity_checking(self) -> bool:
-        return self.state.sanity_checking
-
     def explain(self) -> str:
         """For each loop that runs steps: the mode used and, for every fallback, why."""
         lines = [f"fastloop {__version__}: mode requested {self.mode!r}, device {self.device}"]
@@ -594,123 +502,3 @@ class Trainer:
     @property
     def ckpt_path(self) -> Optional[str]:
         return None
-
-    # -------------------------------------------------- callbacks and loggers
-    @property
-    def checkpoint_callbacks(self) -> List[Callback]:
-        from fastloop.callbacks import ModelCheckpoint
-
-        return [cb for cb in self._all_callbacks() if isinstance(cb, ModelCheckpoint)]
-
-    @property
-    def checkpoint_callback(self) -> Optional[Callback]:
-        """The first ``ModelCheckpoint``, or None."""
-        callbacks = self.checkpoint_callbacks
-        return callbacks[0] if callbacks else None
-
-    @property
-    def early_stopping_callbacks(self) -> List[Callback]:
-        from fastloop.callbacks import EarlyStopping
-
-        return [cb for cb in self._all_callbacks() if isinstance(cb, EarlyStopping)]
-
-    @property
-    def early_stopping_callback(self) -> Optional[Callback]:
-        callbacks = self.early_stopping_callbacks
-        return callbacks[0] if callbacks else None
-
-    @property
-    def progress_bar_callback(self) -> Optional[Callback]:
-        from fastloop.callbacks import ProgressBar
-
-        return next((cb for cb in self._all_callbacks() if isinstance(cb, ProgressBar)), None)
-
-    def _all_callbacks(self) -> List[Callback]:
-        """The running callbacks (with the module's ``configure_callbacks``), else the given ones."""
-        return self.hooks.callbacks if self.module is not None else self.callbacks
-
-    @property
-    def logger(self) -> Optional[Any]:
-        """The first logger, or None."""
-        return self.loggers[0] if self.loggers else None
-
-    @logger.setter
-    def logger(self, logger: Optional[Any]) -> None:
-        self.loggers = [] if logger is None else [logger]
-
-    @property
-    def log_dir(self) -> str:
-        """Lightning 1.9's rule: TensorBoard's ``log_dir``, another logger's ``save_dir``, else
-        ``default_root_dir``."""
-        if not self.loggers:
-            return self.default_root_dir
-        first = self.loggers[0]
-        from fastloop.loggers import TensorBoardLogger
-
-        return first.log_dir if isinstance(first, TensorBoardLogger) else (first.save_dir or self.default_root_dir)
-
-    @property
-    def log_every_n_steps(self) -> int:
-        return self.logger_connector.log_every_n_steps
-
-    # ------------------------------------------------------ run description
-    @property
-    def fast_dev_run(self) -> int:
-        """Batches per stage of a ``fast_dev_run`` (0: off)."""
-        return self.debug.fast_dev_run
-
-    @property
-    def overfit_batches(self) -> Union[int, float]:
-        return self.debug.overfit_batches
-
-    @property
-    def is_global_zero(self) -> bool:
-        return True  # one process: torchrun support will make this the rank check
-
-    global_rank = 0
-    local_rank = 0
-    node_rank = 0
-    world_size = 1
-    num_nodes = 1
-    num_devices = 1
-
-    @property
-    def val_check_interval(self) -> Union[int, float]:
-        return self.config.validation.val_check_interval
-
-    @property
-    def check_val_every_n_epoch(self) -> Optional[int]:
-        return self.config.validation.check_val_every_n_epoch
-
-    @property
-    def num_sanity_val_steps(self) -> int:
-        return self.config.validation.num_sanity_val_steps
-
-    @property
-    def limit_train_batches(self) -> Union[int, float]:
-        return self.config.limits.limit_train_batches
-
-    @property
-    def limit_val_batches(self) -> Union[int, float]:
-        return self.config.limits.limit_val_batches
-
-    @property
-    def num_val_batches(self) -> List[Union[int, float]]:
-        """Batches per validation loader (requests the loaders if needed)."""
-        if self.module is None or not self.data.has_source("val"):
-            return []
-        return list(self.data.stage_data("val", self.config.limits.limit_val_batches).max_batches)
-
-    @property
-    def min_epochs(self) -> Optional[int]:
-        loop = self._counting_fit_loop()
-        return loop.min_epochs if loop is not None else None
-
-    @property
-    def estimated_stepping_batches(self) -> Union[int, float]:
-        """Optimizer steps this fit will take (for OneCycleLR's ``total_steps``), as Lightning
-        estimates them: requests the training loader when it is not there yet."""
-        if self.train_data is None and self.module is not None:
-            self.prepare_training_data()
-        return estimated_stepping_batches(self.max_epochs, self.max_steps, self.num_training_batches,
-                                          self.accumulate_grad_batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -192,3 +193,17 @@ def without_shuffling(loader: Any, stage: str) -> Any:
 def _warn_shuffling_off(stage: str) -> None:
     warnings.warn(f"You requested to overfit but enabled {stage} dataloader shuffling. "
                   f"We are turning off the {stage} dataloader shuffling for you.", UserWarning, stacklevel=3)
+
+
+def set_determinism(deterministic: Optional[Union[bool, str]], benchmark: Optional[bool]) -> None:
+    """``deterministic``: torch's deterministic algorithms ("warn": warn instead of raising);
+    ``benchmark``: cuDNN autotuning (off by default, and always off when deterministic)."""
+    if deterministic not in (None, True, False, "warn"):
+        raise ValueError(f"deterministic must be None, True, False or 'warn', got {deterministic!r}")
+    if deterministic and benchmark:
+        raise ValueError("Trainer(deterministic=True, benchmark=True): cuDNN autotuning is not deterministic")
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(bool(deterministic), warn_only=deterministic == "warn")
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    torch.backends.cudnn.benchmark = bool(benchmark) if benchmark is not None else False

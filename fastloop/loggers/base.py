@@ -92,6 +92,38 @@ class Logger(ABC):
 # Helpers shared by CSVLogger and TensorBoardLogger
 
 
+
+class VersionedLogger(Logger):
+    """A logger writing under ``<save_dir>/<name>/<version>/``: the directory rules shared by
+    ``CSVLogger`` and ``TensorBoardLogger``."""
+
+    def _init_version_dirs(self, save_dir: Union[str, "os.PathLike[str]"], name: Optional[str],
+                           version: Optional[Union[int, str]]) -> None:
+        self._save_dir = os.fspath(save_dir)
+        self._name = name or ""
+        self._version = check_version(version)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> Union[int, str]:
+        """The version given, else the next free one under ``root_dir`` (decided on first use)."""
+        if self._version is None:
+            self._version = next_version(self.root_dir)
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        """``<save_dir>/<name>``: the parent of every version's directory."""
+        return os.path.join(self.save_dir, self.name)
+
+
 def convert_params(params: Any) -> Dict[str, Any]:
     """Hyperparameters as a plain dict: a Namespace's attributes, a mapping's items, None -> {}."""
     if params is None:

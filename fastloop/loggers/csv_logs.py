@@ -13,13 +13,11 @@ import torch
 from fastloop.loggers._rank import rank_zero_experiment, rank_zero_only
 from fastloop.loggers.base import (
     HPARAMS_FILE,
-    Logger,
+    VersionedLogger,
     add_prefix,
     atomic_write_text,
     check_positive_int,
-    check_version,
     convert_params,
-    next_version,
     save_hparams_to_yaml,
     version_dir_name,
     yaml_plain,
@@ -88,7 +86,7 @@ class ExperimentWriter:
         self._rows_on_disk = len(rows)
 
 
-class CSVLogger(Logger):
+class CSVLogger(VersionedLogger):
     """Log to ``<save_dir>/<name>/<version>/`` as ``metrics.csv`` and ``hparams.yaml``.
 
     Args:
@@ -113,32 +111,11 @@ class CSVLogger(Logger):
         flush_logs_every_n_steps: int = 100,
     ) -> None:
         super().__init__()
-        self._save_dir = os.fspath(save_dir)
-        self._name = name or ""
-        self._version = check_version(version)
+        self._init_version_dirs(save_dir, name, version)
         self._prefix = prefix
         self._flush_logs_every_n_steps = check_positive_int("flush_logs_every_n_steps", flush_logs_every_n_steps)
         self._experiment: Optional[ExperimentWriter] = None
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> Union[int, str]:
-        """The version given, else the next free one under ``root_dir`` (decided on first use)."""
-        if self._version is None:
-            self._version = next_version(self.root_dir)
-        return self._version
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    @property
-    def root_dir(self) -> str:
-        """``<save_dir>/<name>``: the parent of every version's directory."""
-        return os.path.join(self.save_dir, self.name)
 
     @property
     def log_dir(self) -> str:

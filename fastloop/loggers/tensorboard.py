@@ -18,11 +18,9 @@ import torch
 from fastloop.loggers._rank import rank_zero_experiment, rank_zero_only
 from fastloop.loggers.base import (
     HPARAMS_FILE,
-    Logger,
+    VersionedLogger,
     add_prefix,
-    check_version,
     convert_params,
-    next_version,
     save_hparams_to_yaml,
     version_dir_name,
 )
@@ -52,7 +50,7 @@ def _hparam_value(value: Any) -> Any:
     return value if type(value) in (bool, int, float, str) else str(value)
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(VersionedLogger):
     """Log to TensorBoard event files in ``<save_dir>/<name>/<version>[/<sub_dir>]``.
 
     Args:
@@ -86,9 +84,7 @@ class TensorBoardLogger(Logger):
         if importlib.util.find_spec("tensorboard") is None:
             raise ImportError("TensorBoardLogger needs the `tensorboard` package: `pip install tensorboard`")
         super().__init__()
-        self._save_dir = os.fspath(save_dir)
-        self._name = name or ""
-        self._version = check_version(version)
+        self._init_version_dirs(save_dir, name, version)
         self._log_graph = log_graph
         self._default_hp_metric = default_hp_metric
         self._prefix = prefix
@@ -97,25 +93,6 @@ class TensorBoardLogger(Logger):
         self._experiment: Any = None
         self.hparams: Dict[str, Any] = {}
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> Union[int, str]:
-        """The version given, else the next free one under ``root_dir`` (decided on first use)."""
-        if self._version is None:
-            self._version = next_version(self.root_dir)
-        return self._version
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    @property
-    def root_dir(self) -> str:
-        """``<save_dir>/<name>``: the parent of every version's directory."""
-        return os.path.join(self.save_dir, self.name)
 
     @property
     def sub_dir(self) -> Optional[str]:
