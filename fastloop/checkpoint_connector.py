@@ -11,12 +11,13 @@ import glob
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from fastloop import __version__
-from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save
+from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, LoadedCheckpoint, atomic_save
 from fastloop.loops import Loop
 from fastloop.seed import capture_rng_states
 
@@ -124,6 +125,9 @@ class CheckpointConnector:
         return max(existing, key=os.path.getmtime)
 
     def restore_model(self, checkpoint: Dict[str, Any]) -> None:
+        """Run the load hooks, check that the (possibly hook-edited) weights fit the module, then
+        load them: torch's ``load_state_dict`` copies the matching tensors before it raises on the
+        others, so a checkpoint of another model would otherwise leave the module half-loaded."""
         trainer = self.trainer
         assert trainer.module is not None
         datamodule = trainer.datamodule
@@ -131,28 +135,32 @@ class CheckpointConnector:
             datamodule.on_load_checkpoint(checkpoint)
         trainer.hooks.call_module("on_load_checkpoint", checkpoint)
         trainer.hooks.call_callbacks("on_load_checkpoint", checkpoint)
+        check_weights_fit(trainer.module, checkpoint["state_dict"], checkpoint_name(checkpoint))
         trainer.module.load_state_dict(checkpoint["state_dict"])
 
     def restore_run_state(self, checkpoint: Dict[str, Any], fn: str, loop: Loop) -> None:
         if fn != "fit":
             return
         trainer = self.trainer
+        name = checkpoint_name(checkpoint)
         states = checkpoint.get("optimizer_states")
         if states is None:
-            raise CheckpointError("the checkpoint holds weights only; it cannot resume training")
+            raise CheckpointError(f"{name} holds weights only; it cannot resume training")
         if len(states) != len(trainer.optimizers):
             raise CheckpointError(
-                f"the checkpoint holds {len(states)} optimizer states but configure_optimizers returned "
+                f"{name} holds {len(states)} optimizer states but configure_optimizers returned "
                 f"{len(trainer.optimizers)} optimizers"
             )
-        for opt, state in zip(trainer.optimizers, states):
-            opt.load_state_dict(state)
         scheds = checkpoint.get("lr_schedulers", [])
         if len(scheds) != len(trainer.lr_scheduler_configs):
             raise CheckpointError(
-                f"the checkpoint holds {len(scheds)} LR scheduler states but configure_optimizers returned "
+                f"{name} holds {len(scheds)} LR scheduler states but configure_optimizers returned "
                 f"{len(trainer.lr_scheduler_configs)} schedulers"
             )
+        for i, (opt, state) in enumerate(zip(trainer.optimizers, states)):  # all checked before any is loaded
+            check_optimizer_state_fits(opt, state, f"{name}, optimizer {i} ({type(opt).__name__})")
+        for opt, state in zip(trainer.optimizers, states):
+            opt.load_state_dict(state)
         for config, state in zip(trainer.lr_scheduler_configs, scheds):
             config.scheduler.load_state_dict(state)
         for cb in trainer.hooks.callbacks:
@@ -163,3 +171,52 @@ class CheckpointConnector:
         loops = checkpoint.get("loops", {})
         if LOOP_KEYS[fn] in loops:
             loop.load_state_dict(loops[LOOP_KEYS[fn]])
+
+
+def checkpoint_name(checkpoint: Dict[str, Any]) -> str:
+    """``checkpoint <file>`` for a checkpoint read by ``load_checkpoint``; ``the checkpoint`` otherwise."""
+    return f"checkpoint {checkpoint.path}" if isinstance(checkpoint, LoadedCheckpoint) else "the checkpoint"
+
+
+def _listed(names: List[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_weights_fit(module: torch.nn.Module, state_dict: Dict[str, Any], name: str) -> None:
+    """Raise ``CheckpointError`` unless ``state_dict`` has exactly the module's keys, with the same
+    shapes (what a strict ``load_state_dict`` needs), before any weight is copied."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+        if k in state_dict and isinstance(own[k], torch.Tensor) and isinstance(state_dict[k], torch.Tensor)
+        and not is_lazy(own[k]) and state_dict[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"shapes differ (checkpoint vs model): {_listed(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"{name} does not fit {type(module).__name__} (another model's checkpoint?): " + "; ".join(problems)
+        )
+
+
+def check_optimizer_state_fits(opt: torch.optim.Optimizer, state: Any, name: str) -> None:
+    """The checks ``Optimizer.load_state_dict`` makes, done up front so that a bad second
+    optimizer state does not leave the first one already loaded."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or "state" not in state:
+        raise CheckpointError(f"{name}: the saved state is not an optimizer state_dict")
+    if len(groups) != len(opt.param_groups):
+        raise CheckpointError(f"{name}: the checkpoint has {len(groups)} parameter groups, "
+                              f"the optimizer {len(opt.param_groups)}")
+    for i, (saved, current) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved.get("params", ())) != len(current["params"]):
+            raise CheckpointError(f"{name}: parameter group {i} has {len(saved.get('params', ()))} parameters "
+                                  f"in the checkpoint, {len(current['params'])} in the optimizer")
