@@ -11,11 +11,12 @@ from fastloop.config import CompileConfig  # noqa: E402
 from fastloop.datamodule import DataModule  # noqa: E402
 from fastloop.module import Module  # noqa: E402
 from fastloop.seed import seed_everything  # noqa: E402
+from fastloop.step.nonfinite import NonFiniteError  # noqa: E402
 from fastloop.trainer import Trainer  # noqa: E402
 from fastloop import callbacks, loggers, loops  # noqa: E402,F401
 
 LightningModule = Module
 LightningDataModule = DataModule
 
-__all__ = ["Callback", "CompileConfig", "DataModule", "LightningDataModule", "LightningModule", "Module", "Trainer",
+__all__ = ["Callback", "CompileConfig", "DataModule", "LightningDataModule", "LightningModule", "Module", "NonFiniteError", "Trainer",
            "callbacks", "loggers", "loops", "seed_everything", "__version__"]

@@ -8,6 +8,8 @@ from typing import Any, Dict, Optional, Union
 Number = Union[int, float]
 MODES = ("auto", "eager", "compiled", "cudagraph")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+# What a non-finite loss or gradient does to its optimizer step (see fastloop/step/nonfinite.py).
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
 
 
 def _check_limit(name: str, value: Number) -> None:
@@ -15,6 +17,16 @@ def _check_limit(name: str, value: Number) -> None:
         raise ValueError(f"{name} must be a non-negative int or a float in [0, 1], got {value!r}")
     if isinstance(value, float) and value > 1.0:
         raise ValueError(f"{name}={value} is a fraction above 1.0; pass an int to count batches")
+
+
+def _check_count(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    """An int (not a bool) >= ``minimum``, or None where ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"None or an int >= {minimum}" if optional else f"an int >= {minimum}"
+        extra = " (-1: no limit)" if minimum == -1 else ""
+        raise ValueError(f"{name} must be {allowed}{extra}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,10 +45,10 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
             _check_limit(name, getattr(self, name))
-        if self.max_steps < -1:
-            raise ValueError(f"max_steps must be -1 (no limit) or >= 0, got {self.max_steps}")
-        if self.max_epochs is not None and self.max_epochs < -1:
-            raise ValueError(f"max_epochs must be None, -1 or >= 0, got {self.max_epochs}")
+        _check_count("max_steps", self.max_steps, minimum=-1, optional=False)
+        _check_count("max_epochs", self.max_epochs, minimum=-1)
+        _check_count("min_epochs", self.min_epochs, minimum=0)
+        _check_count("min_steps", self.min_steps, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class ValidationSchedule:
         n = self.check_val_every_n_epoch
         if n is not None and (not isinstance(n, int) or n < 1):
             raise ValueError(f"check_val_every_n_epoch must be None or a positive int, got {n!r}")
+        if isinstance(self.num_sanity_val_steps, bool) or not isinstance(self.num_sanity_val_steps, int):
+            raise ValueError(f"num_sanity_val_steps must be an int (-1: all), got {self.num_sanity_val_steps!r}")
         if self.num_sanity_val_steps < -1:
             raise ValueError(f"num_sanity_val_steps must be -1 (all) or >= 0, got {self.num_sanity_val_steps}")
 
@@ -73,6 +87,9 @@ class OptimizationConfig:
             raise ValueError(f"accumulate_grad_batches must be a positive int, got {self.accumulate_grad_batches!r}")
         if self.gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {self.gradient_clip_algorithm!r}")
+        clip = self.gradient_clip_val
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))):
+            raise ValueError(f"gradient_clip_val must be None or a number >= 0, got {clip!r}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ValueError(f"gradient_clip_val must be >= 0, got {self.gradient_clip_val}")
 
@@ -92,6 +109,17 @@ class CompileConfig:
     # Call a compiled training graph directly while its inputs match (see step/direct_call.py),
     # instead of through torch.compile's guards on every step. False: every call is guarded.
     direct_call: bool = True
+    # The fused step checks loss and gradients on the device every step and never applies a
+    # non-finite update; under Trainer(nonfinite="raise") the host reads that check once every
+    # this many optimizer steps (and at the last batch of an epoch, at max_steps and before a
+    # checkpoint), so the error can come up to this many steps late. 1: read every step (a
+    # host-device sync per step on a GPU).
+    nonfinite_check_interval: int = 20
+
+    def __post_init__(self) -> None:
+        n = self.nonfinite_check_interval
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"CompileConfig(nonfinite_check_interval={n!r}) must be an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -105,8 +133,11 @@ class RunConfig:
     precision: str = "32"
     default_root_dir: Optional[str] = None
     enable_progress_bar: bool = True
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.precision not in PRECISIONS:

@@ -107,28 +107,57 @@ def parse_optimizers(returned: Any) -> OptimizationSetup:
     elif isinstance(returned, (list, tuple)):
         optimizers = list(returned)
     else:
+        what = "None (did it forget to `return`?)" if returned is None else f"a {type(returned).__name__}"
         raise TypeError(
-            f"`configure_optimizers` returned {type(returned).__name__}; expected an optimizer, a list of "
-            "optimizers, (optimizers, schedulers), a dict with an `optimizer` key, or a list of such dicts"
+            f"`configure_optimizers` returned {what}; expected {_EXPECTED}"
         )
     if not optimizers:
-        raise ValueError("`configure_optimizers` returned no optimizer")
+        raise ValueError(
+            "`configure_optimizers` returned no optimizer"
+            + (f" for its {len(raw_schedulers)} scheduler(s)" if raw_schedulers else "") + f"; expected {_EXPECTED}"
+        )
     for i, opt in enumerate(optimizers):
         if not isinstance(opt, Optimizer):
-            raise TypeError(f"`configure_optimizers` optimizer {i} is a {type(opt).__name__}, not a torch Optimizer")
+            hint = (": return ([optimizers], [schedulers]) or {\"optimizer\": ..., \"lr_scheduler\": ...}"
+                    if hasattr(opt, "optimizer") and hasattr(opt, "step") else "")
+            raise TypeError(
+                f"`configure_optimizers` optimizer {i} is a {type(opt).__name__}, not a torch Optimizer{hint}"
+            )
     if any(f < 1 for f in frequencies):
         raise ValueError(f"optimizer frequencies must be positive ints, got {frequencies}")
     schedulers = [_scheduler_config(s, m, optimizers) for s, m in raw_schedulers]
     return OptimizationSetup(optimizers, schedulers, frequencies)
 
 
+_EXPECTED = ("an optimizer, a list of optimizers, (optimizers, schedulers), a dict with an `optimizer` key, "
+             "or a list of such dicts")
+
+
 def _dict_optimizer(d: Dict[str, Any]) -> Optimizer:
     if "optimizer" not in d:
-        raise ValueError("a dict returned by `configure_optimizers` needs an `optimizer` key")
+        raise ValueError(
+            f"a dict returned by `configure_optimizers` needs an `optimizer` key (keys: {sorted(d, key=str)})"
+        )
     unknown = set(d) - {"optimizer", "lr_scheduler", "monitor", "frequency"}
     if unknown:
         raise ValueError(f"unknown keys in a dict from `configure_optimizers`: {sorted(unknown)}")
     return d["optimizer"]
+
+
+def check_parameters_belong(optimizers: Sequence[Optimizer], module: torch.nn.Module) -> None:
+    """Every tensor an optimizer updates must be a parameter of ``module``: other tensors are
+    neither saved in checkpoints nor moved to the device, and no fused step can update them."""
+    owned = {id(p) for p in module.parameters()}
+    for idx, optimizer in enumerate(optimizers):
+        foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in owned]
+        if foreign:
+            shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(
+                f"`configure_optimizers` optimizer {idx} ({type(optimizer).__name__}) holds {len(foreign)} tensor(s) "
+                f"that are not parameters of {type(module).__name__} (shapes {shapes}): they would not be saved "
+                "in checkpoints nor moved to the device; make them `nn.Parameter` attributes of the module, "
+                "or build the optimizer over `self.parameters()`"
+            )
 
 
 def active_optimizer_indices(num_optimizers: int, frequencies: Sequence[int], batch_idx: int) -> List[int]:

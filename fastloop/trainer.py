@@ -88,6 +88,7 @@ class Trainer(TrainerAttributes):
         detect_anomaly: bool = False,
         mode: str = "auto",
         compile_config: Optional[CompileConfig] = None,
+        nonfinite: str = "raise",  # "raise" | "skip" | "ignore": see fastloop/step/nonfinite.py
         **lightning_only: Any,
     ) -> None:
         check_unsupported(lightning_only)
@@ -112,11 +113,11 @@ class Trainer(TrainerAttributes):
                           args["limit_val_batches"], args["limit_test_batches"], args["limit_predict_batches"]),
             validation=ValidationSchedule(args["val_check_interval"], args["check_val_every_n_epoch"],
                                           args["num_sanity_val_steps"]),
-            optimization=OptimizationConfig(accumulate_grad_batches or 1, gradient_clip_val,
+            optimization=OptimizationConfig(1 if accumulate_grad_batches is None else accumulate_grad_batches, gradient_clip_val,
                                             gradient_clip_algorithm or "norm"),
             compile=compile_config or CompileConfig(),
             mode=mode, accelerator=accelerator, precision=normalize_precision(precision),
-            default_root_dir=default_root_dir, enable_progress_bar=enable_progress_bar,
+            default_root_dir=default_root_dir, enable_progress_bar=enable_progress_bar, nonfinite=nonfinite,
         )
         self.mode = resolve_mode(mode)
         self.device = device_of(accelerator)
@@ -188,6 +189,15 @@ class Trainer(TrainerAttributes):
         if isinstance(train_dataloaders, DataModule):
             train_dataloaders, datamodule = None, _only_datamodule(datamodule, train_dataloaders, "fit")
         self._run("fit", model, datamodule, ckpt_path, train=train_dataloaders, val=val_dataloaders)
+
+    def finetune(self, model: Module, train_dataloaders: Any = None, val_dataloaders: Any = None,
+                 datamodule: Optional[DataModule] = None, strategy: Any = "no_freeze",
+                 ckpt_path: Optional[str] = None) -> None:
+        """``fit`` with a finetuning strategy for the module's ``backbone``: "no_freeze", "freeze",
+        ("freeze_unfreeze", epoch) or a ``BackboneFinetuning`` callback (fastloop.callbacks.finetuning)."""
+        from fastloop.callbacks.finetuning import finetune
+
+        finetune(self, model, train_dataloaders, val_dataloaders, datamodule, strategy, ckpt_path)
 
     def validate(self, model: Optional[Module] = None, dataloaders: Any = None, ckpt_path: Optional[str] = None,
                  verbose: bool = True, datamodule: Optional[DataModule] = None) -> List[Dict[str, float]]:

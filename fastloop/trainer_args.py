@@ -58,7 +58,8 @@ _ADVICE = {
     "gpus": "use accelerator='gpu', devices=1",
     "resume_from_checkpoint": "pass ckpt_path= to trainer.fit()",
     "max_time": "use max_epochs or max_steps, or a callback that sets trainer.should_stop",
-    "terminate_on_nan": "fastloop has no non-finite loss policy yet",
+    "terminate_on_nan": ("use Trainer(nonfinite='raise') (the default: a non-finite loss or gradient raises "
+                         "before the optimizer step), nonfinite='skip' to skip such steps, or 'ignore'"),
     "stochastic_weight_avg": "use torch.optim.swa_utils in your module",
     "reload_dataloaders_every_epoch": "use reload_dataloaders_every_n_epochs=1",
 }

@@ -14,6 +14,12 @@ File names come from ``filename`` (default ``"{epoch}-{step}"``): ``"{epoch:02d}
 gives ``epoch=03-val_loss=0.12.ckpt``; a name already taken gets ``-v1``, ``-v2``...
 Reading the metrics (formatting, comparing scores) synchronises with the device, and happens
 only when a checkpoint is due.
+
+Non-finite parameters: when a checkpoint is due, pending non-finite checks of the compiled step
+are read first (``Trainer(nonfinite="raise")`` raises there, before anything is written), then
+the parameters are checked; if one holds NaN/inf (possible under ``nonfinite="ignore"``) no file
+is written or removed at that step, with a ``RuntimeWarning`` naming the step and the
+parameter: the last good checkpoint stays the latest, rather than being replaced by a broken one.
 """
 from __future__ import annotations
 
@@ -146,6 +152,8 @@ class ModelCheckpoint(Callback):
             return
         if trainer.global_step % self._every_n_train_steps != 0:
             return
+        if not self._parameters_finite(trainer):
+            return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
@@ -161,6 +169,8 @@ class ModelCheckpoint(Callback):
             self._save_epoch_checkpoints(trainer)
 
     def _save_epoch_checkpoints(self, trainer: "Trainer") -> None:
+        if not self._parameters_finite(trainer):
+            return
         candidates = self._monitor_candidates(trainer)
         if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
             self._save_topk_checkpoint(trainer, candidates)
@@ -245,6 +255,23 @@ class ModelCheckpoint(Callback):
         return path
 
     # ------------------------------------------------------------------ saving
+    @staticmethod
+    def _parameters_finite(trainer: "Trainer") -> bool:
+        """False (with a warning) when a parameter holds NaN/inf: then nothing is saved."""
+        from fastloop.step.nonfinite import check_pending
+
+        check_pending(trainer)  # a pending non-finite step raises here, before any write
+        params = list(trainer.module.named_parameters()) if trainer.module is not None else []
+        if not params:
+            return True
+        # host sync: once per due checkpoint
+        if bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+            return True
+        name = next(n for n, p in params if not bool(torch.isfinite(p).all()))
+        warnings.warn(f"ModelCheckpoint: no checkpoint saved at global step {trainer.global_step}: parameter "
+                      f"{name!r} is not finite (NaN or inf)", RuntimeWarning, stacklevel=2)
+        return False
+
     def _skip_saving(self, trainer: "Trainer") -> bool:
         return (
             bool(trainer.fast_dev_run)

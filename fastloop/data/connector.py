@@ -6,6 +6,7 @@ module's ``*_dataloader`` method. Eval stages accept a list of loaders (``datalo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
@@ -27,18 +28,42 @@ _HOOK_NAMES = {"train": "train_dataloader", "val": "val_dataloader", "test": "te
 class StageData:
     loaders: List[Any]
     max_batches: List[Limit]
+    # What the batches were counted with (``check_lengths``); None: not checked.
+    limit: Optional[Limit] = None
+    hook: str = ""
 
     @property
     def total_batches(self) -> Limit:
         return sum(self.max_batches) if self.loaders else 0
 
+    def check_lengths(self, epoch: int) -> None:
+        """Raise if a loader now gives a different number of batches than when they were counted
+        (once per entry point, or per reload): validation points, the last accumulation window and
+        epoch-end work were placed on that count."""
+        if self.limit is None:
+            return
+        for i, (loader, counted) in enumerate(zip(self.loaders, self.max_batches)):
+            now = count_batches(loader, self.limit, f"limit_{self.hook.split('_')[0]}_batches")
+            if now != counted:
+                source = f"`{self.hook}`" + (f" source {i}" if len(self.loaders) > 1 else "")
+                raise ValueError(
+                    f"{source} ({type(loader).__name__}) gave {counted} batches when they were counted and gives "
+                    f"{now} at epoch {epoch}: its length must not change between epochs; return a loader of "
+                    "fixed length, or set Trainer(reload_dataloaders_every_n_epochs=1) to count again each epoch"
+                )
+
+
+def loader_length(loader: Any) -> Limit:
+    """``len(loader)``, or infinity for a loader without one."""
+    try:
+        return len(loader)
+    except (TypeError, NotImplementedError):
+        return math.inf
+
 
 def count_batches(loader: Any, limit: Limit, what: str) -> Limit:
     """Batches to run from ``loader`` given a ``limit_*_batches`` value (int count or fraction)."""
-    try:
-        n: Limit = len(loader)
-    except TypeError:
-        n = math.inf
+    n = loader_length(loader)
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
         raise ValueError(f"{what} must be a non-negative int or a float in [0, 1], got {limit!r}")
     if isinstance(limit, int):
@@ -49,7 +74,26 @@ def count_batches(loader: Any, limit: Limit, what: str) -> Limit:
         return n
     if n == math.inf:
         raise ValueError(f"{what}={limit} is a fraction, which needs a loader with len(); pass an int")
+    if limit > 0 and int(n * limit) == 0:
+        # As Lightning 1.9: a non-zero fraction that rounds to no batch is a mistake, not a request.
+        raise ValueError(
+            f"{what}={limit} of the {n} batches of the {what.split('_')[1]} dataloader is less than one batch; "
+            f"pass at least {what}={1 / n:.4g}, or an int"
+        )
     return int(n * limit)
+
+
+def warn_if_empty(loader: Any, hook: str, index: int, several: bool) -> None:
+    """Lightning 1.9 warns about a loader of zero length and goes on (fit then trains nothing)."""
+    if loader_length(loader) != 0:
+        return
+    source = f"`{hook}`" + (f" source {index}" if several else "")
+    consequence = {"train_dataloader": "fit runs no training step (global_step stays 0)"}.get(
+        hook, f"{hook.split('_')[0]} runs no step on it")
+    warnings.warn(
+        f"{source} ({type(loader).__name__}) has zero length: {consequence}. Please make sure this was your "
+        "intention.", UserWarning, stacklevel=5,
+    )
 
 
 class DataConnector:
@@ -112,7 +156,10 @@ class DataConnector:
 
                 loaders = [without_shuffling(dl, stage) for dl in loaders]
             what = f"limit_{stage}_batches"
-            self._cache[stage] = StageData(loaders, [count_batches(dl, limit, what) for dl in loaders])
+            name = _HOOK_NAMES[stage]
+            for i, loader in enumerate(loaders):
+                warn_if_empty(loader, name, i, len(loaders) > 1)
+            self._cache[stage] = StageData(loaders, [count_batches(dl, limit, what) for dl in loaders], limit, name)
         return self._cache[stage]
 
     def _request(self, stage: str) -> List[Any]:

@@ -11,6 +11,7 @@ user transfer hooks) batches pass through untouched.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from fastloop.seed import isolate_rng
@@ -21,8 +22,10 @@ _END = object()
 class DataFetcher(Iterator[Any]):
     """Iterates ``iterable`` for at most ``limit`` batches, keeping one batch in hand."""
 
-    def __init__(self, iterable: Iterable[Any], limit: Union[int, float] = math.inf, copier: Any = None) -> None:
+    def __init__(self, iterable: Iterable[Any], limit: Union[int, float] = math.inf, copier: Any = None,
+                 name: str = "") -> None:
         self.iterable = iterable
+        self.name = name  # the loader's hook (``train_dataloader``): an epoch without batches is warned about
         self.copier = copier
         self.limit = limit
         self.fetched = 0
@@ -42,6 +45,10 @@ class DataFetcher(Iterator[Any]):
                         break
         self._next = self._fetch()
         self.done = self._next is _END
+        if self.done and not skip and self.name and self.limit:
+            # A loader of zero length was warned about (and skipped) already; this one has no len().
+            warnings.warn(f"`{self.name}` ({type(self.iterable).__name__}) yielded no batch this epoch. Please make "
+                          "sure this was your intention.", UserWarning, stacklevel=4)
         return self
 
     def _fetch(self, copy: bool = True) -> Any:

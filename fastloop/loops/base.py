@@ -86,18 +86,23 @@ class Loop(ABC):
             if isinstance(value, Loop):
                 yield name, value
 
+    # Names under which a loop may hold a child it does not have yet (left None in ``__init__``),
+    # e.g. a wrapper's ``fit_loop``: ``connect(fit_loop=trainer.fit_loop)`` fills the slot.
+    child_slots: Tuple[str, ...] = ()
+
     def connect(self, **loops: "Loop") -> None:
         """Replace child loops by name, e.g. ``batch_loop.connect(optimizer_loop=MyLoop())``.
 
-        Only attributes that already hold a loop can be replaced. The new child is attached to
-        this loop's trainer at once when there is one (and again when an entry point starts).
+        Only attributes that already hold a loop, or are named in ``child_slots``, can be set.
+        The new child is attached to this loop's trainer at once when there is one (and again
+        when an entry point starts).
         """
         for name, loop in loops.items():
             if loop is None:
                 continue
             current = vars(self).get(name)
-            if not isinstance(current, Loop):
-                valid = ", ".join(n for n, _ in self.children()) or "none"
+            if not isinstance(current, Loop) and name not in self.child_slots:
+                valid = ", ".join(dict.fromkeys([n for n, _ in self.children()] + list(self.child_slots))) or "none"
                 raise ValueError(
                     f"{type(self).__name__}.connect() got unknown child loop `{name}`; "
                     f"its child loops are: {valid}"

@@ -25,6 +25,7 @@ from fastloop.data.fetcher import DataFetcher
 from fastloop.loops.base import Loop
 from fastloop.loops.progress import Progress
 from fastloop.loops.training_epoch import TrainingEpochLoop
+from fastloop.optim_snapshot import OptimizerSnapshot
 from fastloop.seed import capture_rng_states, isolate_rng, restore_rng_states
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class FitLoop(Loop):
     when read; limits given here, or assigned later (``loop.max_epochs = 3``), win over them.
     """
 
-    _runtime_attributes = {"_fetcher": None}
+    _runtime_attributes = {"_fetcher": None, "_fresh_optimizers": None}
 
     def __init__(self, min_epochs: Optional[int] = None, max_epochs: Optional[int] = None) -> None:
         super().__init__()
@@ -50,6 +51,7 @@ class FitLoop(Loop):
         self._outputs: List[Any] = []
         self._fetcher: Optional[DataFetcher] = None
         self._epoch_rng_state: Optional[dict] = None
+        self._fresh_optimizers: Optional[OptimizerSnapshot] = None  # taken by ``setup``
 
     # ---------------------------------------------------------------- limits
     @property
@@ -224,7 +226,9 @@ class FitLoop(Loop):
         resuming = self.epoch_loop.restarting
         skip = self.epoch_loop.resume_position if resuming else 0
         loader = data.loaders[0]
-        fetcher = DataFetcher(loader, data.max_batches[0], copier=trainer.data.device_copier())
+        data.check_lengths(self.epoch_progress.current.completed)  # before the epoch's first step
+        fetcher = DataFetcher(loader, data.max_batches[0], copier=trainer.data.device_copier(),
+                              name="train_dataloader")
         if resuming and skip and trainer._resume_loader_position(loader, skip):
             skip = 0  # the loader restored its own position
         if resuming and self._epoch_rng_state is not None:
@@ -257,6 +261,9 @@ class FitLoop(Loop):
         self.epoch_progress.increment_completed()
 
     def on_run_end(self) -> None:
+        from fastloop.step.nonfinite import check_pending
+
+        check_pending(self.trainer)  # a fit stopped between reads of the device-side check still raises
         self.trainer.hooks.call("on_train_end")
 
     def teardown(self) -> None:
@@ -284,3 +291,31 @@ class FitLoop(Loop):
         self.epoch_progress.reset()
         self.epoch_loop.reset_progress()
         self._epoch_rng_state = None
+
+    # ------------------------------------------------- restarting training from an outer loop
+    def setup(self) -> None:
+        # The optimizers as configure_optimizers built them (before a checkpoint is restored).
+        trainer = self.trainer
+        self._fresh_optimizers = OptimizerSnapshot(trainer.optimizers, trainer.lr_scheduler_configs)
+
+    def reset_epochs(self) -> None:
+        """Let the next ``run()`` train from epoch 0 again (``trainer.current_epoch == 0``),
+        keeping ``global_step`` and the loop's total counters (unlike ``reset_progress``).
+
+        For outer loops that call ``fit_loop.run()`` once per cycle (active learning): step-based
+        logging, checkpoint names and ``max_steps`` go on counting across cycles.
+        """
+        self.epoch_progress.reset_on_run()
+        self._epoch_rng_state = None
+
+    def reset_optimizers(self) -> None:
+        """Give every optimizer and LR scheduler back the state ``configure_optimizers`` gave it
+        (learning rates, scheduler positions, no moments), in place.
+
+        Unlike ``trainer.setup_optimizers()`` nothing is rebuilt: the optimizer objects, the
+        built steps and, in compiled mode, their graphs keep serving (see
+        ``fastloop.optim_snapshot``). Call it between runs of this loop, not during one.
+        """
+        if self._fresh_optimizers is None:
+            raise RuntimeError("FitLoop.reset_optimizers() needs a running entry point (call it from a loop's hooks)")
+        self._fresh_optimizers.restore()

@@ -109,11 +109,15 @@ class OptimizerLoop(Loop):
 
     # ------------------------------------------------------------ extension points
     def setup(self) -> None:
-        """Check ``training_step``'s signature, then build the step for the trainer's mode."""
+        """Check the optimizers' parameters and ``training_step``'s signature, then build the step
+        for the trainer's mode."""
         from fastloop.step.build import build_train_step
+
+        from fastloop.optim import check_parameters_belong
 
         trainer = self.trainer
         module = trainer.module
+        check_parameters_belong(trainer.optimizers, module)
         if module.automatic_optimization:
             self.check_training_step(module, len(trainer.optimizers))
         self.train_step = build_train_step(self)

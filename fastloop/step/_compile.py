@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .direct_call import CompiledGraph, graph_input_sources
+from .errors import quietly
 
 __all__ = ["CountingBackend", "compile_fullgraph", "with_fresh_code"]
 
@@ -63,5 +64,7 @@ class CountingBackend:
 
 
 def compile_fullgraph(fn: Callable, backend: CountingBackend) -> Callable:
-    """One graph or an error: ``fullgraph=True``, static shapes, own cache."""
-    return torch.compile(with_fresh_code(fn), backend=backend, fullgraph=True, dynamic=False)
+    """One graph or an error: ``fullgraph=True``, static shapes, own cache. Calls through it
+    (the guarded ones, which may trace) keep the compiler's ERROR logs out of the user's
+    console (see ``errors.quiet_compiler_errors``)."""
+    return quietly(torch.compile(with_fresh_code(fn), backend=backend, fullgraph=True, dynamic=False))

@@ -196,6 +196,7 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
             step_on_device=target_mode(trainer) == "cudagraph",
             direct_call=trainer.config.compile.direct_call and not guarded_because,
+            nonfinite=trainer.config.nonfinite,
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")

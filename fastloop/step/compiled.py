@@ -6,10 +6,13 @@ update written as tensor ops. Around it this module keeps the eager step's obser
 behaviour: the same progress counters, ``self.log`` values (returned from the graph and stored
 afterwards, without a host-device sync), and the observing hooks ``on_before_zero_grad`` and
 ``on_before_backward``, which run after the graph. If the first call cannot compile, the loop
-falls back to the eager step for good and ``trainer.explain()`` says why.
+falls back to the eager step for good and ``trainer.explain()`` says why, unless the eager step
+fails on the same batch too: that error (a bad batch, a bad loss) is then the user's, raised as
+eager mode raises it, with nothing of the failed compile shown (see ``step/errors.py``).
 """
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -20,7 +23,9 @@ from torch.optim import Optimizer
 
 from fastloop.loops.optimizer import StepOutput
 from fastloop.step.eager import eager_train_step
+from fastloop.step.errors import first_line, quietly
 from fastloop.step.fused_step import FusedStep
+from fastloop.step.nonfinite import fused_notes, make_fused_guards
 
 if TYPE_CHECKING:
     from fastloop.loops.optimizer import OptimizerLoop
@@ -28,6 +33,27 @@ if TYPE_CHECKING:
 
 class NotFusable(Exception):
     """Raised while tracing when ``training_step`` does something the fused step cannot express."""
+
+
+# Dynamo reports an exception raised while tracing as "Unsupported: Observed exception", caused
+# by an ``Observed<Name>Error("raised exception <Name>('message')")`` it made up.
+_OBSERVED_NOT_FUSABLE = re.compile(r"raised exception NotFusable\((['\"])(.*)\1\)", re.S)
+
+
+def compile_failure(exc: BaseException) -> str:
+    """Why a compile failed, in one line; a ``NotFusable`` raised while tracing is named by its
+    own message."""
+    seen: Optional[BaseException] = exc
+    for _ in range(16):  # a chain is short; a cyclic one must not hang
+        if seen is None:
+            break
+        if isinstance(seen, NotFusable):
+            return str(seen)
+        match = _OBSERVED_NOT_FUSABLE.search(str(seen)) if type(seen).__name__.startswith("Observed") else None
+        if match:
+            return match.group(2)
+        seen = seen.__cause__ or seen.__context__
+    return first_line(exc)
 
 
 class StepCaller(nn.Module):
@@ -69,6 +95,8 @@ def make_loss_fn(module: nn.Module, metrics: Any, optimizer_idx: Optional[int], 
         args = (batch, 0) if optimizer_idx is None else (batch, 0, optimizer_idx)
         output = torch.func.functional_call(caller, state, args)
         loss, extra = split_output(output)
+        if not loss.requires_grad:  # known while tracing; the eager step then raises the user's error
+            raise NotFusable("the loss returned by `training_step` does not require grad")
         # Logged tensors leave as graph outputs; names and options as a constant layout.
         captured = list(metrics.capture)
         metrics.capture.clear()
@@ -102,6 +130,8 @@ class CompiledTrainStep:
         self.fused = fused
         self.layouts = layouts
         self._capture: List[Any] = []
+        # Host side of each fused step's device non-finite check (step/nonfinite.py).
+        self.nonfinite_guards = make_fused_guards(loop.trainer, fused)
 
     @property
     def graph_count(self) -> int:
@@ -116,7 +146,7 @@ class CompiledTrainStep:
         """How the graphs were called: directly, or through torch.compile's guards and why."""
         return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}" if step.direct_reason
                 else f"optimizer {idx}: {step.direct_calls} of {step.calls} calls ran the compiled graph directly"
-                for idx, step in self.fused.items()]
+                for idx, step in self.fused.items()] + fused_notes(self.loop.trainer, self.nonfinite_guards)
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop
@@ -155,6 +185,9 @@ class CompiledTrainStep:
         closure_loss = loss / accumulate if accumulate != 1 else loss
         hooks.call("on_before_backward", closure_loss)
         if stepping:
+            guard = self.nonfinite_guards.get(opt_idx)
+            if guard is not None:  # reads the device check when due (raises NonFiniteError)
+                guard.after_step(trainer, batch_idx)
             progress.step.increment_completed()
         return StepOutput(closure_loss, extra)
 
@@ -168,16 +201,19 @@ class CompiledTrainStep:
         if stepping:  # undo the count: the eager step counts this step itself
             loop.optim_progress.optimizer.step.total.ready -= 1
             loop.optim_progress.optimizer.step.current.ready -= 1
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = f"the fused step could not be compiled ({type(exc).__name__}: {first_line[:200]})"
+        # The same batch through the eager step: a user error (bad batch, bad loss) raises here
+        # exactly as in eager mode, and nothing of the failed compile reaches the user.
+        eager = eager_train_step(loop)
+        output = eager(batch, batch_idx, opt_idx, optimizer)
+        # The eager step served: the compiler was at fault. Eager for good, and say why.
+        reason = f"the fused step could not be compiled ({compile_failure(exc)})"
         report = getattr(loop, "step_report", None)
         if report is not None:
             report.used = "eager"
             report.reasons.append(reason)
         warnings.warn(f"fastloop: falling back to the eager step: {reason}", RuntimeWarning, stacklevel=3)
-        eager = eager_train_step(loop)
         loop.train_step = eager
-        return eager(batch, batch_idx, opt_idx, optimizer)
+        return output
 
 
 class CompiledEvalStep:
@@ -210,8 +246,8 @@ class CompiledEvalStep:
             def eval_step(*args: Any) -> Any:
                 return getattr(module, hook)(*args)
 
-            fn = self._compiled[hook] = torch.compile(with_fresh_code(eval_step), backend=self._backend,
-                                                      dynamic=False)
+            fn = self._compiled[hook] = quietly(torch.compile(with_fresh_code(eval_step), backend=self._backend,
+                                                              dynamic=False))
         return fn
 
     def __call__(self, hook: str, batch: Any, batch_idx: int, *rest: Any) -> Any:
@@ -221,14 +257,37 @@ class CompiledEvalStep:
         metrics.capture = self._capture
         graphs = self._backend.graphs
         start = time.perf_counter()
+        failure: Optional[Exception] = None
         try:
             output = self._fn(hook)(batch, 0, *rest)
+        except Exception as exc:  # compile failures surface here
+            failure = exc
         finally:
             if self._backend.graphs != graphs:
                 self.compile_seconds += time.perf_counter() - start
             metrics.capture = None
             trainer.hooks.current_hook = previous_hook
+        if failure is not None:
+            self._capture.clear()
+            return self._fall_back(failure, hook, batch, batch_idx, *rest)
         logs, self._capture[:] = list(self._capture), []
         for name, value, options in logs:
             metrics.store(name, value, **options)
+        return output
+
+    def _fall_back(self, exc: Exception, hook: str, *args: Any) -> Any:
+        """As the training step's: the eager hook on the same batch raises a user error as eager
+        mode does; if it serves, the compiler was at fault and this loop runs eagerly from now."""
+        from fastloop.step.eager import EagerEvalStep
+
+        eager = EagerEvalStep(self.loop)
+        output = eager(hook, *args)
+        reason = f"{hook} could not be compiled ({compile_failure(exc)})"
+        report = getattr(self.loop, "step_report", None)
+        if report is not None:
+            report.used = "eager"
+            report.reasons.append(reason)
+        warnings.warn(f"fastloop: {type(self.loop).__name__} falls back to eager: {reason}", RuntimeWarning,
+                      stacklevel=3)
+        self.loop.eval_step = eager
         return output

@@ -55,6 +55,11 @@ what a CUDA graph needs. This module wraps the *compiled* function in
   the captured graph) apply the optimizer update with ``torch.ops.fastloop.fused_adam`` /
   ``fused_sgd`` and clip with ``torch.ops.fastloop.clip_grads``; off by default, and
   ignored (reason in ``FusedStep.triton_reason``) where triton cannot run.
+* **Non-finite check.** ``Trainer(nonfinite="raise"/"skip")`` adds the fused step's device
+  check and ``torch.where`` guard to the captured graph (tensor ops on a persistent int64
+  counter tensor, no branch); the host reads the counters only at the points listed in
+  ``nonfinite.py``, outside any replay. Adam's step count is on the device here, so its bias
+  corrections are computed in the graph from it (a withheld step leaves it unchanged).
 * **Input copies.** On CUDA the fit loop's ``DataFetcher`` copies the next batch to the
   device on a side stream while the current step runs (``data/device_copy.py``); the copy
   into the static buffers is then a device-to-device copy on the compute stream.
@@ -105,7 +110,7 @@ from fastloop.step.fused_step import FusedStep
 
 __all__ = ["CudaGraphBackend", "CudaGraphTrainStep", "build_cudagraph_train_step", "cudagraph_blockers"]
 
-_FLAG, _BATCH = 6, 7  # positions in FusedStep.call_args
+_FLAG, _BATCH = 7, 8  # positions in FusedStep.call_args
 
 
 class CudaGraphBackend:

@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 
 from fastloop.loops.optimizer import StepOutput
 from fastloop.optim import clip_gradients
+from fastloop.step.nonfinite import EagerNonFiniteCheck
 from fastloop.step.precision import autocast
 
 if TYPE_CHECKING:
@@ -21,15 +22,23 @@ class EagerTrainStep:
     Order: ``optimizer_step(..., closure)`` whose closure runs ``training_step``, the
     zero-grad hooks (first batch of an accumulation window), the backward hooks; the optimizer
     wrapper then runs ``on_before_optimizer_step`` and clipping before the torch step. While
-    accumulating, only the closure runs.
+    accumulating, only the closure runs. The non-finite check (``Trainer(nonfinite=...)``, see
+    ``step/nonfinite.py``) runs at the end of the closure, after backward.
     """
 
     mode = "eager"
 
     def __init__(self, loop: "OptimizerLoop", notes: Optional[List[str]] = None) -> None:
         self.loop = loop
-        self.notes: List[str] = list(notes or [])  # shown by ``trainer.explain()``
+        self._notes: List[str] = list(notes or [])
         self._warned_none = False
+        trainer = loop.trainer
+        self.nonfinite = EagerNonFiniteCheck(trainer.config.nonfinite, trainer.module, len(trainer.optimizers) > 1)
+
+    @property
+    def notes(self) -> List[str]:
+        """Shown by ``trainer.explain()``."""
+        return self._notes + self.nonfinite.notes()
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop
@@ -43,6 +52,8 @@ class EagerTrainStep:
 
         precision = trainer.config.precision
         scaler = trainer.grad_scaler if module.automatic_optimization else None
+        stepping = not trainer.should_accumulate
+        nonfinite = self.nonfinite if self.nonfinite.active else None
 
         def closure() -> Optional[torch.Tensor]:
             with autocast(trainer.device.type, precision):
@@ -60,13 +71,16 @@ class EagerTrainStep:
             if result.closure_loss is not None:
                 loss = scaler.scale(result.closure_loss) if scaler is not None else result.closure_loss
                 trainer._run_backward(loss, optimizer, opt_idx, **loop.backward_kwargs(opt_idx))
+                if nonfinite is not None:
+                    self._check_nonfinite(nonfinite, optimizer, opt_idx, result, stepping, window_start,
+                                          batch_idx, scaler is None)
             return result.loss
 
         toggle = loop.toggle_parameters
         if toggle:
             module.toggle_optimizer(optimizer, opt_idx)
         try:
-            if trainer.should_accumulate:
+            if not stepping:
                 closure()
             else:
                 progress.step.increment_ready()
@@ -83,7 +97,21 @@ class EagerTrainStep:
                 "The optimizer closure was not executed: an overridden `optimizer_step` must call "
                 "`optimizer.step(closure=optimizer_closure)` (or `optimizer_closure()`)"
             )
+        if stepping and nonfinite is not None and nonfinite.policy == "skip":
+            nonfinite.log(trainer.metrics, opt_idx)
         return results[-1]
+
+    def _check_nonfinite(self, nonfinite: EagerNonFiniteCheck, optimizer: Optimizer, opt_idx: int,
+                         result: StepOutput, stepping: bool, window_start: bool, batch_idx: int,
+                         check_grads: bool) -> bool:
+        """After backward: note the loss of an accumulating micro-batch, or check loss and gradients
+        before the step (raises under "raise"; under "skip" clears the gradients, so that the
+        torch step leaves parameters and state alone, and returns True)."""
+        if not stepping:
+            nonfinite.window_loss(opt_idx, result.loss, window_start)
+            return False
+        return nonfinite.check(optimizer, opt_idx, result.loss, window_start, self.loop.trainer.global_step,
+                               batch_idx, check_grads)
 
     def _warn_none(self) -> None:
         if not self._warned_none:
@@ -193,16 +221,24 @@ class DirectEagerStep(EagerTrainStep):
             result = StepOutput.from_training_step_output(output, self.accumulate)
             if result.closure_loss is None:
                 self._warn_none()
-            if batch_idx % self.accumulate == 0:
+            window_start = batch_idx % self.accumulate == 0
+            if window_start:
                 progress.zero_grad.increment_ready_started()  # no hook between the two here
                 clear_grads(optimizer)
                 progress.zero_grad.increment_completed()
+            skip = False
             if result.closure_loss is not None:
                 result.closure_loss.backward()
+                if self.nonfinite.active:
+                    skip = self._check_nonfinite(self.nonfinite, optimizer, opt_idx, result, stepping, window_start,
+                                                 batch_idx, True)
             if stepping:
-                if self.clip_val:
-                    clip_gradients(optimizer, self.clip_val, self.clip_algorithm)
-                optimizer.step()
+                if not skip:
+                    if self.clip_val:
+                        clip_gradients(optimizer, self.clip_val, self.clip_algorithm)
+                    optimizer.step()
+                if self.nonfinite.policy == "skip":
+                    self.nonfinite.log(module.trainer.metrics, opt_idx)
                 progress.step.increment_completed()
         finally:
             if self.several:

@@ -187,15 +187,26 @@ class FunctionalOptimizer:
         )
         # SGD: which momentum buffers were just created (torch copies the grad
         # into a new buffer on its first step); a bool tensor so that the first
-        # step is a value, not a separate graph.
-        self._fresh_pattern: Optional[tuple[bool, ...]] = None
+        # step is a value, not a separate graph. The host sets an entry when it creates
+        # the buffer; the update clears the entries (in the graph: a withheld step keeps them).
         self.fresh_buf = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
         self.triton_reason = triton_update_blocker(self.params) if use_triton else "not requested"
         self.use_triton = use_triton and not self.triton_reason
         if self.use_triton and self.kind == "Adam":
             self.step_on_device = True  # the kernel reads the step next to the parameter
-        # Host mirror of each Adam step count, so a device step is not read back every step.
+        # Host mirror of each Adam step count, so a device step is not read back every step
+        # (Triton kernel: it reads the step itself; pure-torch update: see graph_bias_correction).
         self._host_steps: dict[int, tuple[Tensor, float]] = {}
+
+    @property
+    def graph_bias_correction(self) -> bool:
+        """Adam's bias corrections computed in the graph from the device step count, not on the host.
+
+        When the step lives on the device (CUDA graphs), a host mirror of it cannot know whether
+        the graph withheld a step (loss scaler overflow, non-finite policy) without a sync; the
+        device step itself always knows. Float64 math, as torch's host-side Python floats.
+        """
+        return self.kind == "Adam" and self.step_on_device and not self.use_triton
 
     # ------------------------------------------------------------------ host side
     def _structure(self, group: dict) -> dict[str, bool]:
@@ -296,7 +307,7 @@ class FunctionalOptimizer:
                 entry = [st["step"], st["exp_avg"], st["exp_avg_sq"]]
                 if s["amsgrad"]:
                     entry.append(st["max_exp_avg_sq"])
-                step = self._next_host_step(i, st["step"])
+                step = 1.0 if self.graph_bias_correction else self._next_host_step(i, st["step"])
                 row = row_cache.get((gi, step))
                 if row is None:
                     row = row_cache[(gi, step)] = self._adam_row(groups[gi], step)
@@ -315,13 +326,17 @@ class FunctionalOptimizer:
             # Pageable host-to-device copy with non_blocking: CUDA stages the
             # host data immediately and does not synchronise the device.
             scalars = self._scalars_dev.copy_(scalars, non_blocking=True)
-        pattern = tuple(fresh)
-        if self.kind == "SGD" and pattern != self._fresh_pattern:
+        if self.kind == "SGD" and any(fresh):
             # Happens on the first step and after a state reload only. On a GPU
             # this is a small host-to-device copy (may synchronise); never per step.
-            self.fresh_buf.copy_(torch.tensor(pattern, dtype=torch.bool))
-            self._fresh_pattern = pattern
+            self.fresh_buf.logical_or_(torch.tensor(fresh, dtype=torch.bool).to(self.device))
         return per_param, scalars, self.fresh_buf
+
+    @staticmethod
+    def state_tensors(inputs: tuple) -> list[Tensor]:
+        """Every tensor :meth:`update` writes besides the parameters (to restore a withheld step)."""
+        per_param, _, fresh_buf = inputs
+        return [t for entry in per_param for t in entry] + [fresh_buf]
 
     def _next_host_step(self, i: int, step_tensor: Tensor) -> float:
         """The step count this update will reach (+1: the graph increments the tensor).
@@ -348,6 +363,7 @@ class FunctionalOptimizer:
     def update(self, params: Sequence[Tensor], grads: Sequence[Tensor], inputs: tuple) -> None:
         """Apply one optimizer step in place. Pure tensor ops: safe in a fullgraph region."""
         per_param, scalars, fresh_buf = inputs
+        graph_bias = self.graph_bias_correction
         for i, (p, g) in enumerate(zip(params, grads)):
             s = self.structure[self.group_index[i]]
             # Python-float scalars become the kernels' math type, as in torch:
@@ -359,7 +375,9 @@ class FunctionalOptimizer:
             elif self.kind == "SGD":
                 self._sgd_one(p, g, per_param[i], h, s, fresh_buf[i])
             else:
-                self._adam_one(p, g, per_param[i], h, s)
+                self._adam_one(p, g, per_param[i], h, s, scalars[i] if graph_bias else None)
+        if self.kind == "SGD":
+            fresh_buf.zero_()  # each new buffer got its first step
 
     def _triton_one(self, p: Tensor, g: Tensor, state: list, h: dict, s: dict, fresh: Tensor) -> None:
         """One parameter through the fused Triton kernel (flat views; the op mutates them)."""
@@ -393,11 +411,17 @@ class FunctionalOptimizer:
         p.sub_(g * h["lr"])
 
     @staticmethod
-    def _adam_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict) -> None:
+    def _adam_one(p: Tensor, g: Tensor, state: list, h: dict, s: dict, row: Optional[Tensor] = None) -> None:
         step_t, exp_avg, exp_avg_sq = state[0], state[1], state[2]
         if s["maximize"]:
             g = -g
         step_t.add_(1)
+        if row is not None:  # graph_bias_correction: from the device step, as torch does on the host
+            cols = dict(zip(_ADAM_COLS, row.unbind()))  # float64
+            step = step_t.to(torch.float64)
+            opmath = h["lr"].dtype
+            h = dict(h, step_size=(cols["lr"] / (1 - cols["beta1"] ** step)).to(opmath),
+                     bias_correction2_sqrt=(1 - cols["beta2"] ** step).sqrt().to(opmath))
         if s["decoupled_weight_decay"]:
             p.mul_(h["decay_factor"])
         else:

@@ -34,6 +34,12 @@ Known limitations (each makes the build or the first call fail, or costs a graph
   (eager would skip them because their ``.grad`` is ``None``).
 * One device per step; the CUDA path is written (no syncs, device scalar
   table) but has not been run here.
+
+Non-finite losses and gradients (``nonfinite="raise"``/``"skip"``, see ``nonfinite``): the
+stepping graph checks the loss (and the losses of the window's accumulating calls) and the
+accumulated gradients before clipping, and applies the update through
+``torch.where(ok, new, old)`` for the parameters and every optimizer state tensor, all on the
+device; ``FusedStep.nonfinite_state`` holds the counters the host reads now and then.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from ._compile import CountingBackend, compile_fullgraph
 from .direct_call import DirectCall, call_key
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
+from .nonfinite import check_step, new_state, note_window_loss
 from .precision import DeviceLossScaler, autocast
 
 __all__ = ["FusedStep", "build_fused_step", "LossFn"]
@@ -74,6 +81,7 @@ def build_fused_step(
     triton_kernels: bool = False,
     step_on_device: bool = False,
     direct_call: bool = True,
+    nonfinite: str = "ignore",
 ) -> tuple[Optional["FusedStep"], Optional[str]]:
     """Build the fused step for one optimizer.
 
@@ -107,6 +115,9 @@ def build_fused_step(
         direct_call: once a graph has run, call it directly while its inputs match,
             skipping torch.compile's per-call wrapper (see ``direct_call``).
             ``FusedStep.direct_reason`` says why a step still goes through it.
+        nonfinite: ``"raise"`` or ``"skip"``: check loss and gradients in the graph and never
+            apply a non-finite update (``"skip"`` also zeroes the gradients of such a step);
+            ``"ignore"`` (this function's default; the Trainer's is ``"raise"``): no check.
 
     Returns:
         ``(FusedStep, None)``, or ``(None, reason)`` when this optimizer or
@@ -126,13 +137,16 @@ def build_fused_step(
     params = [named[n] for n in trainable]
     if precision not in ("32", "bf16-mixed", "16-mixed"):
         return None, f"precision {precision!r} is not '32', 'bf16-mixed' or '16-mixed'"
+    if nonfinite not in ("raise", "skip", "ignore"):
+        return None, f"nonfinite {nonfinite!r} is not 'raise', 'skip' or 'ignore'"
     fopt, reason = make_functional_optimizer(optimizer, params, step_on_device=step_on_device,
                                              use_triton=triton_kernels)
     if fopt is None:
         return None, reason
     return FusedStep(loss_fn, module, list(trainable), fopt, clip_val, clip_algorithm,
                      accumulate, compile, inductor_config, precision=precision,
-                     triton_clip=triton_kernels and fopt.use_triton, direct_call=direct_call), None
+                     triton_clip=triton_kernels and fopt.use_triton, direct_call=direct_call,
+                     nonfinite=nonfinite), None
 
 
 def _detach(tree: Any) -> Any:
@@ -150,6 +164,7 @@ def _make_core(
     precision: str = "32",
     triton_clip: bool = False,
     scaler: Optional[DeviceLossScaler] = None,
+    nonfinite: str = "ignore",
 ) -> Callable:
     """The pure function that is compiled: all state comes in as arguments.
 
@@ -158,6 +173,9 @@ def _make_core(
     scaled while accumulating (as ``GradScaler`` leaves ``.grad``), and the stepping call
     unscales them, skips the whole update (parameters and optimizer state) where a
     gradient is inf/nan, and updates the scale, all with tensor ops.
+
+    ``nonfinite_state`` is ``()`` (``nonfinite="ignore"``) or ``(state,)``, the int64 counters of
+    ``nonfinite.check_step``: a bad loss or gradient withholds the update the same way.
     """
 
     def objective(train, frozen, buffers, batch, scale):
@@ -170,7 +188,7 @@ def _make_core(
             scaled = scaled.float() * scale
         return scaled, (loss.detach(), _detach(aux))
 
-    def fused_step(train, frozen, buffers, grads, opt_inputs, new_window, scaler_state, batch):
+    def fused_step(train, frozen, buffers, grads, opt_inputs, new_window, scaler_state, nonfinite_state, batch):
         scale = scaler_state[0] if scaler_state else None
         new, (_, (loss, aux)) = torch.func.grad_and_value(objective, has_aux=True)(
             train, frozen, buffers, batch, scale
@@ -180,6 +198,13 @@ def _make_core(
             if accumulate > 1:
                 # Zero at the start of a window without a data-dependent branch.
                 total = [torch.where(new_window, t, g + t) for g, t in zip(grads, total)]
+            withhold = None
+            if nonfinite_state and not do_update:
+                note_window_loss(nonfinite_state[0], loss, new_window)
+            elif nonfinite_state:
+                # Before unscaling and clipping; under a loss scaler only the loss (see nonfinite).
+                withhold = check_step(nonfinite_state[0], loss, total, new_window, accumulate=accumulate,
+                                      check_grads=scale is None, latch=nonfinite == "raise")
             found = None
             if do_update and scale is not None:
                 total, found = DeviceLossScaler.unscale(total, scale)
@@ -188,20 +213,24 @@ def _make_core(
                     total, _ = clip_grads_triton(total, clip_val, clip_algorithm)
                 else:
                     total = clip_grads(total, clip_val, clip_algorithm)
+            if withhold is not None and nonfinite == "skip":
+                total = [torch.where(withhold, torch.zeros_like(t), t) for t in total]  # cleared
             for g, t in zip(grads, total):
                 g.copy_(t)
             if do_update:
                 params = list(train.values())
-                if found is None:
+                skip = found if withhold is None else (withhold if found is None else found | withhold)
+                if skip is None:
                     fopt.update(params, grads, opt_inputs)
                 else:
-                    # Skip on overflow without a branch: update, then put the old values
-                    # back where found_inf (inductor fuses this; no host sync).
-                    touched = params + [t for entry in opt_inputs[0] for t in entry]
+                    # Skip without a branch: update, then put the old values back where `skip`
+                    # (inductor fuses this; no host sync).
+                    touched = params + fopt.state_tensors(opt_inputs)
                     before = [t.clone() for t in touched]
                     fopt.update(params, grads, opt_inputs)
                     for t, old in zip(touched, before):
-                        t.copy_(torch.where(found, old, t))
+                        t.copy_(torch.where(skip, old, t))
+                if found is not None:
                     scaler.update(scaler_state[0], scaler_state[1], found)
         return loss, aux
 
@@ -238,6 +267,7 @@ class FusedStep:
         precision: str = "32",
         triton_clip: bool = False,
         direct_call: bool = True,
+        nonfinite: str = "ignore",
     ) -> None:
         self.module = module
         self.precision = precision
@@ -272,10 +302,14 @@ class FusedStep:
         self._backend.record_outputs = not self.direct_reason
         self.scaler = DeviceLossScaler(device) if precision == "16-mixed" else None
         self._scaler_state = self.scaler.tensors() if self.scaler is not None else ()
+        self.nonfinite = nonfinite
+        # Counters of the device-side non-finite check (see nonfinite.py); None when not checked.
+        self.nonfinite_state = new_state(device) if nonfinite != "ignore" else None
+        self._nonfinite_args = (self.nonfinite_state,) if self.nonfinite_state is not None else ()
         self.triton_reason = fopt.triton_reason
         self._core_args = (loss_fn, fopt, accumulate, clip_val, clip_algorithm)
         self._core_kwargs = dict(device_type=device.type, precision=precision, triton_clip=triton_clip,
-                                 scaler=self.scaler)
+                                 scaler=self.scaler, nonfinite=nonfinite)
 
     @property
     def graph_count(self) -> int:
@@ -315,7 +349,8 @@ class FusedStep:
             raise ValueError("step=False (accumulate only) needs accumulate > 1")
         opt_inputs = self.functional_optimizer.prepare() if step else ()
         flag = self._true if self._new_window else self._false
-        return (self._train, self._frozen, self._buffers, self._grads(), opt_inputs, self._scaler_state, flag, batch)
+        return (self._train, self._frozen, self._buffers, self._grads(), opt_inputs, self._scaler_state,
+                self._nonfinite_args, flag, batch)
 
     def after_call(self, step: bool) -> None:
         """Host bookkeeping once the call (or a graph replay) was issued."""
@@ -330,14 +365,16 @@ class FusedStep:
         the same key; otherwise through torch.compile, which checks its guards and compiles
         when needed, and the graph it ran becomes the direct call for that key.
         """
-        train, frozen, buffers, grads, opt_inputs, scaler_state, flag, batch = args
-        in_order = (train, frozen, buffers, grads, opt_inputs, flag, scaler_state, batch)  # fn's signature
+        train, frozen, buffers, grads, opt_inputs, scaler_state, nonfinite_state, flag, batch = args
+        # fn's signature:
+        in_order = (train, frozen, buffers, grads, opt_inputs, flag, scaler_state, nonfinite_state, batch)
         self.calls += 1
         slot = direct = names = None
         if not self.direct_reason:
             # Keyword names: the compiled function's parameters, as Dynamo's input sources name them.
             names = dict(self._free_vars.get(fn, ()), train=train, frozen=frozen, buffers=buffers, grads=grads,
-                         opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state, batch=batch)
+                         opt_inputs=opt_inputs, new_window=flag, scaler_state=scaler_state,
+                         nonfinite_state=nonfinite_state, batch=batch)
             slot = (fn, call_key(self.module, batch))
             try:
                 direct = self._direct.get(slot)
