@@ -96,7 +96,22 @@ def train_step_blockers(loop: OptimizerLoop) -> List[str]:
         reasons.append(f"precision {trainer.config.precision} has no fused CPU step")
     if getattr(trainer, "detect_anomaly", False):
         reasons.append("detect_anomaly=True: autograd's anomaly mode checks each backward op, which runs eagerly")
+    reasons.extend(frozen_parameter_blockers(trainer))
     reasons.extend(module_blockers(trainer))
+    return reasons
+
+
+def frozen_parameter_blockers(trainer: Any) -> List[str]:
+    """An optimizer holding a parameter with ``requires_grad=False``: eager skips it (its grad
+    stays None) while the fused update would move it (weight decay, momentum), so keep eager."""
+    reasons = []
+    names = {id(p): n for n, p in trainer.module.named_parameters()}
+    for idx, optimizer in enumerate(trainer.optimizers):
+        frozen = [names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+        if frozen:
+            shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+            reasons.append(f"optimizer {idx} holds frozen parameters (requires_grad=False: {shown}), which the "
+                           "fused update would change")
     return reasons
 
 
