@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastloop import Module, Trainer
 from fastloop.callback import Callback
-from fastloop.callbacks.progress import ProgressBar, TQDMProgressBar, plain_line, postfix_text
+from fastloop.callbacks.progress import ProgressBar, TQDMProgressBar
+from fastloop.callbacks.progress_lines import plain_line, postfix_text
 
 
 class TTYStream(io.StringIO):
