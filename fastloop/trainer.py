@@ -153,6 +153,7 @@ class Trainer(TrainerAttributes):
         self._loops_ready = False
         self._validation_enabled = None
         self._checkpoint_loader_state: Optional[Dict[str, Any]] = None
+        self._restored_from: Optional[str] = None
 
         # Loops built without limits take the Trainer's (config.limits) when they run.
         fit_loop = FitLoop()
@@ -288,9 +289,11 @@ class Trainer(TrainerAttributes):
             datamodule.setup(fn)
         self.hooks.call_module("setup", fn)
         model.to(self.device)
+        self._restored_from = ckpt_path if checkpoint is not None else None
         if ckpt_path in ("last", "best"):
             resolved = self.checkpoint_connector.resolve(ckpt_path, fn)
             checkpoint = load_checkpoint(resolved) if resolved is not None else None
+            self._restored_from = resolved
         if checkpoint is not None:
             self._checkpoint_loader_state = checkpoint.get("train_loader")
             self.checkpoint_connector.restore_model(checkpoint)
@@ -511,4 +514,5 @@ class Trainer(TrainerAttributes):
 
     @property
     def ckpt_path(self) -> Optional[str]:
-        return None
+        """The checkpoint file the last entry point restored from (None: it started fresh)."""
+        return self._restored_from

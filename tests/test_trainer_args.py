@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastloop import Callback, DataModule, Module, Trainer
 from fastloop.callbacks import ModelCheckpoint
 from fastloop.data import TensorLoader
+from fastloop.testing import BoringModel, random_loader
 from fastloop.trainer_args import without_shuffling
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
@@ -404,3 +405,14 @@ def test_default_logger_paths_as_lightning_with_its_csv_logger(root):
         "lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt", "lightning_logs/version_0/hparams.yaml",
         "lightning_logs/version_1/checkpoints/epoch=0-step=2.ckpt", "lightning_logs/version_1/hparams.yaml",
     ]
+
+
+def test_ckpt_path_names_the_file_the_run_restored_from():
+    model = BoringModel()
+    trainer = Trainer(max_epochs=1, logger=False, **QUIET)
+    trainer.fit(model, random_loader(n=8, batch_size=4))
+    assert trainer.ckpt_path is None  # started fresh
+    last = trainer.checkpoint_callback.best_model_path
+    resumed = Trainer(max_epochs=2, logger=False, **QUIET)
+    resumed.fit(model, random_loader(n=8, batch_size=4), ckpt_path=last)
+    assert resumed.ckpt_path == last and resumed.global_step == 4
