@@ -157,8 +157,7 @@ class CompiledTrainStep:
         accumulate = trainer.accumulate_grad_batches
         stepping = not trainer.should_accumulate
         window_start = batch_idx % accumulate == 0
-        if window_start:
-            fused.zero_grad()
+        fused.set_window_start(window_start)
         if stepping:
             progress.step.increment_ready()
         metrics = trainer.metrics

@@ -298,7 +298,9 @@ class FunctionalOptimizer:
         for i, p in enumerate(self.params):
             gi = self.group_index[i]
             s = self.structure[gi]
-            st = states[p]
+            # Reading optimizer.state (a defaultdict) would create an entry: SGD without
+            # momentum keeps none, as torch's own step does.
+            st = states[p] if self.kind == "Adam" or s["momentum_nonzero"] else {}
             fresh.append(self._init_state(p, st, s))
             if self.kind == "Adam" and self.step_on_device and st["step"].device != p.device:
                 # After load_state_dict of a CPU step: moved once (a tiny H2D copy), not per step.

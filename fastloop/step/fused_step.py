@@ -339,6 +339,15 @@ class FusedStep:
         """Start a new accumulation window at the next call (gradients restart from zero)."""
         self._new_window = True
 
+    def set_window_start(self, new_window: bool) -> None:
+        """Say whether the next call starts a new accumulation window.
+
+        Standalone use needs no call: a window ends with each update. The training loop sets it
+        from ``batch_idx`` the way the eager loop zeroes gradients, so that an optimizer skipped
+        by frequencies resumes its window (and keeps its gradients) exactly as in eager mode.
+        """
+        self._new_window = new_window
+
     def call_args(self, batch: tuple, step: bool) -> tuple:
         """Host side of one call: the arguments of ``self._fn(step)``, in order.
 
