@@ -20,63 +20,17 @@ import inspect
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from torch import Tensor
 from torch.optim import Optimizer
 
 from fastloop.loops.base import Loop
 from fastloop.loops.progress import OptimizationProgress
+from fastloop.step.build import build_train_step, rebuild_train_step, trainable_flags
+from fastloop.step.output import StepOutput  # re-exported: ``fastloop.loops.StepOutput``
 
+__all__ = ["EXTENSION_POINTS", "OptimizerLoop", "StepOutput", "has_parameter", "split_pairs"]
 
-class StepOutput:
-    """What one optimizer's ``training_step`` produced, as the loop and hooks see it.
-
-    ``closure_loss`` is divided by ``accumulate_grad_batches`` and is what backward uses;
-    ``loss`` is it detached (what hooks see); ``extra`` holds the other entries of a dict output.
-    A plain class with slots: one is built per optimizer per batch.
-    """
-
-    __slots__ = ("closure_loss", "extra", "loss")
-
-    def __init__(self, closure_loss: Optional[Tensor], extra: Optional[Dict[str, Any]] = None) -> None:
-        self.closure_loss = closure_loss
-        self.extra: Dict[str, Any] = {} if extra is None else extra
-        self.loss: Optional[Tensor] = None if closure_loss is None else closure_loss.detach()
-
-    def __repr__(self) -> str:
-        return f"StepOutput(loss={self.loss!r}, extra={self.extra!r})"
-
-    @classmethod
-    def from_training_step_output(cls, output: Any, accumulate: int) -> "StepOutput":
-        extra: Optional[Dict[str, Any]] = None
-        if isinstance(output, Tensor):
-            loss = output
-        elif output is None:
-            return cls(None)
-        elif isinstance(output, dict):
-            if "loss" not in output:
-                raise ValueError(
-                    "In automatic optimization, `training_step` returned a dict without a 'loss' key "
-                    f"(keys: {sorted(output)}); return the loss tensor or a dict with 'loss'"
-                )
-            loss = output["loss"]
-            extra = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in output.items() if k != "loss"}
-        else:
-            raise TypeError(
-                f"In automatic optimization, `training_step` must return a Tensor, a dict with 'loss', or None "
-                f"(to skip the batch); it returned {type(output).__name__}"
-            )
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"`training_step` must return a scalar loss, got {shape}")
-        if not loss.requires_grad:
-            raise ValueError(
-                "the loss returned by `training_step` does not require grad: it was computed without "
-                "the model's parameters or under torch.no_grad()"
-            )
-        return cls(loss / accumulate if accumulate != 1 else loss, extra)
-
-    def asdict(self) -> Dict[str, Any]:
-        return {"loss": self.loss, **self.extra}
+# The documented extension points: a subclass overriding one defines its own step.
+EXTENSION_POINTS = ("make_step_fn", "call_training_step", "backward_kwargs", "toggle_parameters")
 
 
 def split_pairs(optimizers: Sequence[Tuple[int, Optimizer]]) -> Tuple[Tuple[int, ...], Tuple[Optimizer, ...]]:
@@ -94,7 +48,7 @@ def has_parameter(fn: Callable[..., Any], name: str) -> bool:
 class OptimizerLoop(Loop):
     """Steps each active optimizer on one batch."""
 
-    _runtime_attributes = {"train_step": None, "_indices": (), "_optimizers": ()}
+    _runtime_attributes = {"train_step": None, "_indices": (), "_optimizers": (), "_trainable": None}
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,16 +57,21 @@ class OptimizerLoop(Loop):
         self._indices: Tuple[int, ...] = ()
         self._optimizers: Tuple[Optimizer, ...] = ()
         self._outputs: Dict[int, Dict[str, Any]] = {}
+        self._trainable: Optional[Tuple[bool, ...]] = None  # requires_grad flags the step was built for
 
     def connect(self, **loops: Any) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no child loops to connect")
 
     # ------------------------------------------------------------ extension points
+    @classmethod
+    def overridden_extension_points(cls) -> Tuple[str, ...]:
+        """Which of ``EXTENSION_POINTS`` this class overrides (the step builders ask, so that
+        the step package need not import the loops)."""
+        return tuple(name for name in EXTENSION_POINTS if getattr(cls, name) is not getattr(OptimizerLoop, name))
+
     def setup(self) -> None:
         """Check the optimizers' parameters and ``training_step``'s signature, then build the step
         for the trainer's mode."""
-        from fastloop.step.build import build_train_step
-
         from fastloop.optim import check_parameters_belong
 
         trainer = self.trainer
@@ -121,6 +80,16 @@ class OptimizerLoop(Loop):
         if module.automatic_optimization:
             self.check_training_step(module, len(trainer.optimizers))
         self.train_step = build_train_step(self)
+        self._trainable = trainable_flags(module)
+
+    def check_trainable(self) -> None:
+        """At each epoch start: a ``requires_grad`` changed since the step was built (a layer frozen
+        or unfrozen without a callback) rebuilds the step, which then fuses or falls back with the
+        reason (one tuple comparison per epoch)."""
+        flags = trainable_flags(self.trainer.module)
+        if self._trainable is not None and flags != self._trainable:
+            self.train_step = rebuild_train_step(self, self._trainable, flags)
+        self._trainable = flags
 
     def check_training_step(self, module: Any, num_optimizers: int) -> None:
         """Several optimizers need an ``optimizer_idx`` parameter in ``training_step``."""
@@ -131,11 +100,12 @@ class OptimizerLoop(Loop):
             )
 
     def call_training_step(self, batch: Any, batch_idx: int, optimizer_idx: Optional[int] = None) -> Any:
-        """Call the module's ``training_step``; ``optimizer_idx`` is passed when given."""
-        hooks = self.trainer.hooks
+        """Call the module's ``training_step`` (through DistributedDataParallel under DDP, see
+        ``trainer.strategy``); ``optimizer_idx`` is passed when given."""
+        strategy = self.trainer.strategy
         if optimizer_idx is None:
-            return hooks.call_module("training_step", batch, batch_idx)
-        return hooks.call_module("training_step", batch, batch_idx, optimizer_idx)
+            return strategy.training_step(batch, batch_idx)
+        return strategy.training_step(batch, batch_idx, optimizer_idx)
 
     def make_step_fn(self, batch: Any, batch_idx: int, optimizer_idx: int) -> Callable[[], Any]:
         """A function returning the raw ``training_step`` output for this optimizer."""
@@ -171,6 +141,8 @@ class OptimizerLoop(Loop):
         count = len(optimizer_list)
         if progress.optimizer_position >= count:  # on_run_start
             progress.optimizer_position = 0
+        if batch_idx == 0:
+            self.check_trainable()
         train_step = self.train_step
         try:
             while progress.optimizer_position < count:  # done
@@ -203,6 +175,8 @@ class OptimizerLoop(Loop):
 
     def on_run_start(self, batch: Any, optimizers: Sequence[Tuple[int, Optimizer]], batch_idx: int) -> None:
         self._indices, self._optimizers = split_pairs(optimizers)
+        if batch_idx == 0:
+            self.check_trainable()
         if self.done:
             self.optim_progress.optimizer_position = 0
 

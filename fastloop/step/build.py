@@ -6,8 +6,13 @@ entry point starts, decide what can be fused, and record a ``StepReport`` on the
 mode requested, the mode used and, for every fallback, the reason in plain words.
 
 ``auto`` means: the CUDA-graph step on a GPU, the compiled step on a CPU, eager where neither
-can serve. Hooks that only observe a step run outside the fused graph; hooks that change it
-(listed in ``STEP_CHANGING_HOOKS``) make that loop run eagerly.
+can serve; on a CPU the compiled step must also beat the eager one over the first steps after
+its compile (``step/auto_choice.py``), or the loop runs eagerly. Hooks that only observe a step
+run outside the fused graph; hooks that change it (listed in ``STEP_CHANGING_HOOKS``) make that
+loop run eagerly.
+
+The loop is reached through ``StepLoop`` (``step/loop_protocol.py``): the loops import this
+package, never the reverse.
 """
 from __future__ import annotations
 
@@ -15,11 +20,16 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
-from fastloop.loops.optimizer import OptimizerLoop
 from fastloop.step.eager import EagerEvalStep, eager_train_step
-from fastloop.step.inspect_fn import is_generator_function, python_side_effects, reads_argument, reads_attributes
+from fastloop.step.inspect_fn import (
+    is_generator_function,
+    positional_argument_use,
+    python_side_effects,
+    reads_attributes,
+)
+from fastloop.step.loop_protocol import StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,7 @@ class StepReport:
     reasons: List[str] = field(default_factory=list)
 
     step: Any = None  # the step object, for its compile statistics
+    events: List[str] = field(default_factory=list)  # why the step was rebuilt during the run
 
     def describe(self) -> str:
         text = self.used if self.used == self.requested else f"{self.used} (requested {self.requested})"
@@ -52,6 +63,8 @@ class StepReport:
             text += f"\n    fallback: {reason}"
         for note in getattr(self.step, "notes", ()):
             text += f"\n    note: {note}"
+        for event in self.events:
+            text += f"\n    rebuilt: {event}"
         return text
 
 
@@ -73,7 +86,17 @@ def _report(loop: Any, requested: str, used: str, reasons: List[str]) -> None:
         )
 
 
-def train_step_blockers(loop: OptimizerLoop) -> List[str]:
+def batch_idx_blocker(hook: str, fn: Callable[..., Any]) -> str:
+    """Why ``fn`` (a step hook called as ``fn(batch, batch_idx, ...)``) cannot be fused for its
+    ``batch_idx`` ('' if it never reads it: handed on unused to a helper of the module, one or two
+    calls deep, counts as unused; the fused step then passes 0)."""
+    use = positional_argument_use(fn, 1)
+    if not use:
+        return ""
+    return f"{hook} reads batch_idx ({use}), a Python int that would recompile the graph every batch"
+
+
+def train_step_blockers(loop: StepLoop) -> List[str]:
     """Why this loop's automatic-optimization step cannot be fused (empty: it can)."""
     trainer = loop.trainer
     module = trainer.module
@@ -81,13 +104,13 @@ def train_step_blockers(loop: OptimizerLoop) -> List[str]:
     if not module.automatic_optimization:
         reasons.append("manual optimization: training_step steps the optimizers itself")
         return reasons
-    for name in _LOOP_EXTENSION_POINTS:
-        if getattr(type(loop), name) is not getattr(OptimizerLoop, name):
+    for name in loop.overridden_extension_points():
+        if name in _LOOP_EXTENSION_POINTS:
             reasons.append(f"optimizer loop {type(loop).__name__} overrides {name}")
-    if is_generator_function(module.training_step):
-        reasons.append("training_step is a generator")
-    elif reads_argument(module.training_step, "batch_idx"):
-        reasons.append("training_step reads batch_idx, a Python int that would recompile the graph every step")
+    blocker = ("training_step is a generator" if is_generator_function(module.training_step)
+               else batch_idx_blocker("training_step", module.training_step))
+    if blocker:
+        reasons.append(blocker)
     for hook in STEP_CHANGING_HOOKS:
         owners = trainer.hooks.overridden_by(hook)
         if owners:
@@ -96,6 +119,7 @@ def train_step_blockers(loop: OptimizerLoop) -> List[str]:
         reasons.append(f"precision {trainer.config.precision} has no fused CPU step")
     if getattr(trainer, "detect_anomaly", False):
         reasons.append("detect_anomaly=True: autograd's anomaly mode checks each backward op, which runs eagerly")
+    # Under DDP the fused step all-reduces its gradients in the graph (fastloop/distributed/grad_sync.py).
     reasons.extend(frozen_parameter_blockers(trainer))
     reasons.extend(module_blockers(trainer))
     return reasons
@@ -135,7 +159,28 @@ def metric_objects(module: Any) -> List[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, torchmetrics.Metric)]
 
 
-def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
+def trainable_flags(module: Any) -> Tuple[bool, ...]:
+    """``requires_grad`` of every parameter: the training step is built for these."""
+    return tuple(p.requires_grad for p in module.parameters())
+
+
+def rebuild_train_step(loop: StepLoop, before: Tuple[bool, ...], after: Tuple[bool, ...]) -> Callable[..., Any]:
+    """The step again, for parameters whose ``requires_grad`` changed since it was built (a fused
+    step would keep updating a parameter frozen since); the report says which and when."""
+    if loop.trainer.mode == "eager":  # nothing fused, nothing to rebuild
+        return loop.train_step
+    names = [name for name, _ in loop.trainer.module.named_parameters()]
+    changed = [f"{n} {'frozen' if was else 'unfrozen'}" for n, was, now in zip(names, before, after) if was != now]
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    old = getattr(loop, "step_report", None)
+    events = list(old.events) if old is not None else []
+    step = build_train_step(loop)
+    loop.step_report.events = events + [
+        f"at epoch {loop.trainer.current_epoch}: requires_grad changed ({shown}) since the step was built"]
+    return step
+
+
+def build_train_step(loop: StepLoop) -> Callable[..., Any]:
     trainer = loop.trainer
     requested = trainer.mode
     mode = target_mode(trainer)
@@ -159,10 +204,24 @@ def build_train_step(loop: OptimizerLoop) -> Callable[..., Any]:
     _report(loop, requested, "compiled", reasons)
     step = CompiledTrainStep(loop, fused, layouts)
     loop.step_report.step = step
+    if requested == "auto" and trainer.device.type == "cpu" and not _distributed():  # see step/auto_choice.py
+        from fastloop.step.auto_choice import AutoChoiceStep
+
+        loop.step_report.step = AutoChoiceStep(loop, step, eager_train_step(loop))
+        return loop.step_report.step
     return step
 
 
-def _eager(loop: OptimizerLoop, requested: str, reasons: List[str]) -> Callable[..., Any]:
+def _distributed() -> bool:
+    """Several processes: each would time its own steps and could choose differently from the
+    others (eager DDP and the fused step's in-graph all-reduce do not meet), so ``auto`` keeps the
+    compiled step there without measuring."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _eager(loop: StepLoop, requested: str, reasons: List[str]) -> Callable[..., Any]:
     """The eager step, reported (with the fallback ``reasons``, if any) for ``explain()``."""
     _report(loop, requested, "eager", reasons)
     loop.step_report.step = eager_train_step(loop)
@@ -184,8 +243,9 @@ def direct_call_blocker(training_step: Callable[..., Any]) -> str:
     return ""
 
 
-def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
+def _build_fused(loop: StepLoop, reasons: List[str]) -> Any:
     """One fused step (and its log layout) per optimizer, or ``({}, {})`` with reasons added."""
+    from fastloop.distributed.grad_sync import broadcast_module_state, distributed_grad_sync
     from fastloop.step.compiled import LogLayout, make_loss_fn
     from fastloop.step.fused_step import build_fused_step
 
@@ -194,6 +254,9 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
     names = {id(p): n for n, p in module.named_parameters()}
     several = len(trainer.optimizers) > 1
     guarded_because = direct_call_blocker(module.training_step) if trainer.config.compile.direct_call else ""
+    grad_sync = distributed_grad_sync()  # compiled DDP: the graphs all-reduce their gradients
+    if grad_sync is not None:
+        broadcast_module_state(module, grad_sync)  # rank 0's parameters and buffers, as DDP's constructor
     fused, layouts = {}, {}
     for idx, optimizer in enumerate(trainer.optimizers):
         owned = [p for group in optimizer.param_groups for p in group["params"]]
@@ -211,7 +274,7 @@ def _build_fused(loop: OptimizerLoop, reasons: List[str]) -> Any:
             precision=trainer.config.precision, triton_kernels=trainer.config.compile.triton_kernels,
             step_on_device=target_mode(trainer) == "cudagraph",
             direct_call=trainer.config.compile.direct_call and not guarded_because,
-            nonfinite=trainer.config.nonfinite,
+            nonfinite=trainer.config.nonfinite, grad_sync=grad_sync,
         )
         if step is None:
             reasons.append(why or f"optimizer {idx} cannot be fused")
@@ -232,9 +295,9 @@ def build_eval_step(loop: Any) -> Callable[..., Any]:
     reasons = module_blockers(trainer)
     module = trainer.module
     for hook in ("validation_step", "test_step", "predict_step"):
-        fn = getattr(module, hook)
-        if trainer.hooks.module_overrides(hook) and reads_argument(fn, "batch_idx"):
-            reasons.append(f"{hook} reads batch_idx, a Python int that would recompile the graph every batch")
+        blocker = batch_idx_blocker(hook, getattr(module, hook)) if trainer.hooks.module_overrides(hook) else ""
+        if blocker:
+            reasons.append(blocker)
     if reasons:
         _report(loop, requested, "eager", reasons)
         return EagerEvalStep(loop)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from fastloop.loops.optimizer import StepOutput
+from fastloop.step.output import StepOutput
 from fastloop.optim import clip_gradients
 from fastloop.step.nonfinite import EagerNonFiniteCheck
 from fastloop.step.precision import autocast
@@ -81,7 +81,8 @@ class EagerTrainStep:
             module.toggle_optimizer(optimizer, opt_idx)
         try:
             if not stepping:
-                closure()
+                with trainer.strategy.block_backward_sync():  # DDP: no all-reduce while accumulating
+                    closure()
             else:
                 progress.step.increment_ready()
                 trainer.hooks.call_module(
@@ -144,14 +145,14 @@ STEP_HOOKS = (
 
 def direct_step_blocker(loop: "OptimizerLoop") -> Optional[str]:
     """Why ``DirectEagerStep`` cannot stand in for ``EagerTrainStep`` (None: it can)."""
-    from fastloop.loops.optimizer import OptimizerLoop
-
     trainer = loop.trainer
     if not trainer.module.automatic_optimization:
         return "manual optimization"
-    for name in ("make_step_fn", "call_training_step", "backward_kwargs", "toggle_parameters"):
-        if getattr(type(loop), name) is not getattr(OptimizerLoop, name):
-            return f"{type(loop).__name__} overrides {name}"
+    if trainer.strategy.is_distributed:
+        return "distributed: training_step runs through DistributedDataParallel"
+    overridden = loop.overridden_extension_points()
+    if overridden:
+        return f"{type(loop).__name__} overrides {overridden[0]}"
     for hook in STEP_HOOKS:
         if trainer.hooks.overridden_by(hook):
             return f"{hook} is overridden"
