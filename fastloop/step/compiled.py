@@ -9,6 +9,11 @@ afterwards, without a host-device sync), and the observing hooks ``on_before_zer
 falls back to the eager step for good and ``trainer.explain()`` says why, unless the eager step
 fails on the same batch too: that error (a bad batch, a bad loss) is then the user's, raised as
 eager mode raises it, with nothing of the failed compile shown (see ``step/errors.py``).
+
+Under ``torch.distributed`` the fused steps all-reduce their gradients in the graph
+(``fastloop.distributed.grad_sync``; ``trainer.explain()`` names the placement). A step that
+cannot compile there raises instead of falling back: the eager step would update this rank
+alone while the other ranks wait in the all-reduce.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fastloop.loops.optimizer import StepOutput
+from fastloop.step.output import StepOutput
 from fastloop.step.eager import eager_train_step
 from fastloop.step.errors import first_line, quietly
 from fastloop.step.fused_step import FusedStep
@@ -146,7 +151,12 @@ class CompiledTrainStep:
         """How the graphs were called: directly, or through torch.compile's guards and why."""
         return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}" if step.direct_reason
                 else f"optimizer {idx}: {step.direct_calls} of {step.calls} calls ran the compiled graph directly"
-                for idx, step in self.fused.items()] + fused_notes(self.loop.trainer, self.nonfinite_guards)
+                for idx, step in self.fused.items()] + self._sync_notes() + fused_notes(self.loop.trainer,
+                                                                                       self.nonfinite_guards)
+
+    def _sync_notes(self) -> List[str]:
+        """How the ranks are kept equal under torch.distributed (nothing in one process)."""
+        return [f"optimizer {idx}: {note}" for idx, step in self.fused.items() for note in [step.sync_note()] if note]
 
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop
@@ -197,6 +207,10 @@ class CompiledTrainStep:
     def _fall_back(self, exc: Exception, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer,
                    stepping: bool) -> StepOutput:
         loop = self.loop
+        if any(step.grad_sync is not None for step in self.fused.values()):
+            raise RuntimeError(
+                f"fastloop: the compiled DDP step could not be compiled ({compile_failure(exc)}); an eager "
+                "fallback would update this rank alone. Run with Trainer(mode='eager') (eager DDP)") from exc
         if stepping:  # undo the count: the eager step counts this step itself
             loop.optim_progress.optimizer.step.total.ready -= 1
             loop.optim_progress.optimizer.step.current.ready -= 1

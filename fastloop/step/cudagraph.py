@@ -60,6 +60,9 @@ what a CUDA graph needs. This module wraps the *compiled* function in
   counter tensor, no branch); the host reads the counters only at the points listed in
   ``nonfinite.py``, outside any replay. Adam's step count is on the device here, so its bias
   corrections are computed in the graph from it (a withheld step leaves it unchanged).
+* **Distributed (compiled DDP).** A fused step that all-reduces its gradients in the graph is
+  not captured (``distributed.grad_sync.capture_blocker``): the compiled step serves, with the
+  reason in ``trainer.explain()``.
 * **Input copies.** On CUDA the fit loop's ``DataFetcher`` copies the next batch to the
   device on a side stream while the current step runs (``data/device_copy.py``); the copy
   into the static buffers is then a device-to-device copy on the compute stream.
@@ -283,6 +286,11 @@ def cudagraph_blockers(trainer: Any, fused: Dict[int, FusedStep]) -> list:
         reasons.append(f"{len(off)} module tensors are not on the CUDA device (first: {off[0]})")
     if not fused:
         reasons.append("no fused step to capture")
+    from fastloop.distributed.grad_sync import capture_blocker
+
+    synced = next((step.grad_sync for step in fused.values() if getattr(step, "grad_sync", None)), None)
+    if capture_blocker(synced):  # compiled DDP: its in-graph all-reduce is not captured
+        reasons.append(capture_blocker(synced))
     return reasons
 
 

@@ -40,11 +40,17 @@ stepping graph checks the loss (and the losses of the window's accumulating call
 accumulated gradients before clipping, and applies the update through
 ``torch.where(ok, new, old)`` for the parameters and every optimizer state tensor, all on the
 device; ``FusedStep.nonfinite_state`` holds the counters the host reads now and then.
+
+Under ``torch.distributed`` (``grad_sync``, see ``fastloop.distributed.grad_sync``): the stepping
+graph all-reduces (mean) the accumulated gradients, one flat buffer per dtype, right after
+accumulation and before the non-finite check, clipping and the update; accumulating calls do not
+communicate. A bad loss on any rank withholds the update on every rank. Buffers are broadcast
+from rank 0 (host side) before the call that opens an accumulation window, as DDP does.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,8 +60,11 @@ from ._compile import CountingBackend, compile_fullgraph
 from .direct_call import DirectCall, call_key
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
-from .nonfinite import check_step, new_state, note_window_loss
+from .nonfinite import WINDOW, check_step, new_state, note_window_loss
 from .precision import DeviceLossScaler, autocast
+
+if TYPE_CHECKING:
+    from fastloop.distributed.grad_sync import GradSync
 
 __all__ = ["FusedStep", "build_fused_step", "LossFn"]
 
@@ -82,6 +91,7 @@ def build_fused_step(
     step_on_device: bool = False,
     direct_call: bool = True,
     nonfinite: str = "ignore",
+    grad_sync: Optional[GradSync] = None,
 ) -> tuple[Optional["FusedStep"], Optional[str]]:
     """Build the fused step for one optimizer.
 
@@ -118,6 +128,8 @@ def build_fused_step(
         nonfinite: ``"raise"`` or ``"skip"``: check loss and gradients in the graph and never
             apply a non-finite update (``"skip"`` also zeroes the gradients of such a step);
             ``"ignore"`` (this function's default; the Trainer's is ``"raise"``): no check.
+        grad_sync: under ``torch.distributed``, the collectives that keep the ranks equal (the
+            stepping graph all-reduces the gradients); None in one process.
 
     Returns:
         ``(FusedStep, None)``, or ``(None, reason)`` when this optimizer or
@@ -146,7 +158,7 @@ def build_fused_step(
     return FusedStep(loss_fn, module, list(trainable), fopt, clip_val, clip_algorithm,
                      accumulate, compile, inductor_config, precision=precision,
                      triton_clip=triton_kernels and fopt.use_triton, direct_call=direct_call,
-                     nonfinite=nonfinite), None
+                     nonfinite=nonfinite, grad_sync=grad_sync), None
 
 
 def _detach(tree: Any) -> Any:
@@ -165,6 +177,7 @@ def _make_core(
     triton_clip: bool = False,
     scaler: Optional[DeviceLossScaler] = None,
     nonfinite: str = "ignore",
+    grad_sync: Optional[GradSync] = None,
 ) -> Callable:
     """The pure function that is compiled: all state comes in as arguments.
 
@@ -176,6 +189,9 @@ def _make_core(
 
     ``nonfinite_state`` is ``()`` (``nonfinite="ignore"``) or ``(state,)``, the int64 counters of
     ``nonfinite.check_step``: a bad loss or gradient withholds the update the same way.
+
+    ``grad_sync``: the stepping call all-reduces the accumulated gradients (mean over ranks)
+    before the check; the loss it checks is made NaN where any rank's window had a bad loss.
     """
 
     def objective(train, frozen, buffers, batch, scale):
@@ -198,12 +214,15 @@ def _make_core(
             if accumulate > 1:
                 # Zero at the start of a window without a data-dependent branch.
                 total = [torch.where(new_window, t, g + t) for g, t in zip(grads, total)]
+            checked_loss = loss
+            if do_update and grad_sync is not None:
+                total, checked_loss = _all_reduce(grad_sync, total, loss, new_window, nonfinite_state, accumulate)
             withhold = None
             if nonfinite_state and not do_update:
                 note_window_loss(nonfinite_state[0], loss, new_window)
             elif nonfinite_state:
                 # Before unscaling and clipping; under a loss scaler only the loss (see nonfinite).
-                withhold = check_step(nonfinite_state[0], loss, total, new_window, accumulate=accumulate,
+                withhold = check_step(nonfinite_state[0], checked_loss, total, new_window, accumulate=accumulate,
                                       check_grads=scale is None, latch=nonfinite == "raise")
             found = None
             if do_update and scale is not None:
@@ -237,6 +256,19 @@ def _make_core(
     return fused_step
 
 
+def _all_reduce(grad_sync: "GradSync", total: list, loss: Tensor, new_window: Tensor, nonfinite_state: tuple,
+                accumulate: int) -> tuple[list, Tensor]:
+    """Traced: the mean of the accumulated gradients over the ranks, and the loss the non-finite
+    check should see (NaN where the window's loss was bad on any rank, so all ranks agree)."""
+    if not nonfinite_state:
+        return grad_sync.all_reduce_mean(total)[0], loss
+    bad = torch.logical_not(torch.isfinite(loss))
+    if accumulate > 1:  # an accumulating call of this window saw a bad loss
+        bad = bad | ((nonfinite_state[0][WINDOW] != 0) & torch.logical_not(new_window))
+    total, any_bad = grad_sync.all_reduce_mean(total, bad)
+    return total, torch.where(any_bad, torch.full_like(loss, float("nan")), loss)
+
+
 class FusedStep:
     """A callable fused training step for one optimizer.
 
@@ -268,6 +300,7 @@ class FusedStep:
         triton_clip: bool = False,
         direct_call: bool = True,
         nonfinite: str = "ignore",
+        grad_sync: Optional[GradSync] = None,
     ) -> None:
         self.module = module
         self.precision = precision
@@ -285,6 +318,8 @@ class FusedStep:
         self._train = {n: named[n].detach() for n in trainable}
         self._frozen = {n: p.detach() for n, p in named.items() if n not in self._train}
         self._buffers = dict(module.named_buffers())
+        self.grad_sync = grad_sync
+        self.sync_buckets = grad_sync.buckets(self._params) if grad_sync is not None else 0
         self._new_window = True
         device = self._params[0].device
         # Two constant flags: passing one or the other is a value change, not a recompile.
@@ -309,7 +344,7 @@ class FusedStep:
         self.triton_reason = fopt.triton_reason
         self._core_args = (loss_fn, fopt, accumulate, clip_val, clip_algorithm)
         self._core_kwargs = dict(device_type=device.type, precision=precision, triton_clip=triton_clip,
-                                 scaler=self.scaler, nonfinite=nonfinite)
+                                 scaler=self.scaler, nonfinite=nonfinite, grad_sync=grad_sync)
 
     @property
     def graph_count(self) -> int:
@@ -357,9 +392,17 @@ class FusedStep:
         if not step and self.accumulate == 1:
             raise ValueError("step=False (accumulate only) needs accumulate > 1")
         opt_inputs = self.functional_optimizer.prepare() if step else ()
+        if self.grad_sync is not None and self._new_window:
+            self.grad_sync.broadcast_buffers(list(self._buffers.values()))  # as DDP: rank 0's, per window
         flag = self._true if self._new_window else self._false
         return (self._train, self._frozen, self._buffers, self._grads(), opt_inputs, self._scaler_state,
                 self._nonfinite_args, flag, batch)
+
+    def sync_note(self) -> str:
+        """How this step keeps the ranks equal ('' in one process), for ``trainer.explain()``."""
+        if self.grad_sync is None:
+            return ""
+        return self.grad_sync.describe(self.sync_buckets, bool(self._buffers))
 
     def after_call(self, step: bool) -> None:
         """Host bookkeeping once the call (or a graph replay) was issued."""
