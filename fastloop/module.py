@@ -107,9 +107,12 @@ class Module(HyperparametersMixin, nn.Module):
     ) -> None:
         """Record a scalar. Defaults: per step in training steps, per epoch elsewhere.
 
-        Takes Lightning 1.x's arguments; on one process ``sync_dist``, ``sync_dist_group`` and
-        ``rank_zero_only`` change nothing. Without a trainer (a step called directly, as in a
-        unit test) it warns and does nothing, as Lightning does.
+        Takes Lightning 1.x's arguments. With several processes, ``sync_dist=True`` reduces the
+        value across the ranks of ``sync_dist_group`` (default: all) with ``reduce_fx``: a per-step
+        value when logged, an epoch value at epoch end; a collective, so every rank must log it.
+        ``rank_zero_only=True`` (logged from rank 0 only) never syncs. On one process these change
+        nothing. Without a trainer (a step called directly, as in a unit test) it warns and does
+        nothing, as Lightning does.
         """
         if self._trainer is None:
             warnings.warn(f"self.log({name!r}) was called but the module is not attached to a Trainer: "
@@ -122,6 +125,7 @@ class Module(HyperparametersMixin, nn.Module):
         self._trainer.metrics.log(
             name, value, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
             reduce_fx=reduce_fx, batch_size=batch_size,
+            sync_dist=bool(sync_dist) and not rank_zero_only, sync_dist_group=sync_dist_group,
         )
 
     def log_dict(

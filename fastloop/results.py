@@ -2,6 +2,11 @@
 
 Values stay tensors on their device; reductions accumulate with tensor ops, so logging adds no
 host-device synchronisation to a step. ``trainer.callback_metrics`` exposes the latest values.
+
+With several processes, ``sync_dist=True`` reduces a value across ranks (``reduce_fx``: mean by
+default, sum, max, min): a per-step value when it is logged, an epoch value when it is computed
+(mean: over every sample of every rank). Each is a collective, so it happens only when asked
+for; values logged without ``sync_dist`` stay per-rank.
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from fastloop.distributed.sync import sync_value, sync_weighted_mean
 
 if TYPE_CHECKING:
     from fastloop.trainer import Trainer
@@ -31,8 +38,12 @@ class _Accumulator:
     reduce_fx: str
     total: torch.Tensor
     weight: float
+    sync_dist: bool = False  # reduce across ranks when computed
+    sync_dist_group: Any = None
+    _synced: Optional[torch.Tensor] = None  # the last cross-rank value, until the next add
 
     def add(self, value: torch.Tensor, batch_size: int) -> None:
+        self._synced = None
         if self.reduce_fx == "mean":
             self.total = self.total + value * batch_size
             self.weight += batch_size
@@ -44,7 +55,16 @@ class _Accumulator:
             self.total = torch.minimum(self.total, value)
 
     def compute(self) -> torch.Tensor:
-        return self.total / self.weight if self.reduce_fx == "mean" else self.total
+        if not self.sync_dist:
+            return self.total / self.weight if self.reduce_fx == "mean" else self.total
+        # A collective: computed once per epoch end on every rank (publish_epoch_values, then
+        # epoch_end, reuse it unless a value was added in between, on every rank alike).
+        if self._synced is None:
+            if self.reduce_fx == "mean":
+                self._synced = sync_weighted_mean(self.total, self.weight, self.sync_dist_group)
+            else:
+                self._synced = sync_value(self.total, self.reduce_fx, self.sync_dist_group)
+        return self._synced
 
 
 class _MetricObjectAccumulator:
@@ -154,16 +174,22 @@ class MetricLogger:
         on_epoch: Optional[bool] = None,
         reduce_fx: Union[str, Any] = "mean",
         batch_size: Optional[int] = None,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
     ) -> None:
         options = dict(prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
                        reduce_fx=reduce_fx, batch_size=batch_size)
+        if sync_dist:  # only then, so that the options of most calls stay as they were
+            options.update(sync_dist=True, sync_dist_group=sync_dist_group)
         if self.capture is not None:
             self.capture.append((name, value, options))
             return
         self.store(name, value, **options)
 
     def store(self, name: str, value: Any, *, prog_bar: bool, logger: bool, on_step: Optional[bool],
-              on_epoch: Optional[bool], reduce_fx: Union[str, Any], batch_size: Optional[int]) -> None:
+              on_epoch: Optional[bool], reduce_fx: Union[str, Any], batch_size: Optional[int],
+              sync_dist: bool = False, sync_dist_group: Any = None) -> None:
+        """Record one logged value (from ``log``, or replayed from a compiled step's outputs)."""
         reduce_fx = _reduce_fx_name(name, reduce_fx)
         metric_object = None
         if is_metric_object(value):
@@ -182,14 +208,17 @@ class MetricLogger:
             self._prog_bar_keys.add(key)
         if on_step:
             step_key = key + "_step" if on_epoch else key
+            step_value = value
+            if sync_dist and metric_object is None:  # a torchmetrics Metric syncs itself
+                step_value = sync_value(value, reduce_fx, sync_dist_group)
             # As in Lightning, per-step values of evaluation go to loggers and the progress bar
             # only; callbacks see evaluation values once reduced.
             training = self._trainer.state.training
-            self._publish(step_key, value, logger, callback=training)
+            self._publish(step_key, step_value, logger, callback=training)
             if logger:
-                self.step_log[step_key] = value
+                self.step_log[step_key] = step_value
             if on_epoch and training:
-                self.callback_metrics[key] = value
+                self.callback_metrics[key] = step_value
         if on_epoch:
             acc = self._epoch.get(key)
             if acc is None:
@@ -197,7 +226,8 @@ class MetricLogger:
                     self._epoch[key] = _MetricObjectAccumulator(metric_object)
                     self._epoch_options[key] = (logger, on_step)
                     return
-                acc = self._epoch[key] = _Accumulator(reduce_fx, torch.zeros((), dtype=value.dtype, device=value.device), 0.0)
+                acc = self._epoch[key] = _Accumulator(reduce_fx, torch.zeros((), dtype=value.dtype, device=value.device),
+                                                      0.0, sync_dist, sync_dist_group)
                 self._epoch_options[key] = (logger, on_step)
                 if reduce_fx in ("max", "min"):
                     acc.total = value.clone()

@@ -2,6 +2,8 @@
 
 Sources, first found wins: loaders passed to the entry point, the ``DataModule``'s method, the
 module's ``*_dataloader`` method. Eval stages accept a list of loaders (``dataloader_idx``).
+With several processes, each ``DataLoader`` is rebuilt to read this rank's shard
+(``fastloop/distributed/sampler.py``) unless ``Trainer(use_distributed_sampler=False)``.
 """
 from __future__ import annotations
 
@@ -157,6 +159,10 @@ class DataConnector:
                 loaders = [without_shuffling(dl, stage) for dl in loaders]
             what = f"limit_{stage}_batches"
             name = _HOOK_NAMES[stage]
+            if getattr(self._trainer, "use_distributed_sampler", True):
+                from fastloop.distributed.sampler import distribute_loader
+
+                loaders = [distribute_loader(dl, stage, name) for dl in loaders]
             for i, loader in enumerate(loaders):
                 warn_if_empty(loader, name, i, len(loaders) > 1)
             self._cache[stage] = StageData(loaders, [count_batches(dl, limit, what) for dl in loaders], limit, name)

@@ -100,6 +100,14 @@ def _default_rank_world() -> Tuple[int, int]:
     return 0, 1
 
 
+def _check_shard(n_rows: int, rank: int, world_size: int) -> Tuple[int, int]:
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
+    if shard_size(n_rows, world_size) == 0:
+        raise ValueError(f"{n_rows} rows cannot be split across {world_size} ranks")
+    return rank, world_size
+
+
 class TensorLoader:
     """Batches of rows gathered from in-memory CPU tensors, prefetched by a C++ thread.
 
@@ -113,10 +121,13 @@ class TensorLoader:
         pin_memory: gather into a ring of ``2 * prefetch + 1`` pinned buffer sets, for copying
             to the GPU at once. Such a batch stays valid until ``prefetch + 1`` further batches
             have been requested. Ignored (with a warning) without CUDA.
-        rank, world_size: this process's shard; default from ``torch.distributed`` when it is
-            initialized, else 0 and 1. Each rank gets ``len(dataset) // world_size`` rows of
-            the epoch's permutation; the remainder is dropped (a different remainder each
-            epoch when shuffling), so shards are disjoint and equal-sized.
+        rank, world_size: this process's shard; by default ``torch.distributed``'s, read at each
+            ``iter()``/``len()`` (so a loader built before the process group is set up, e.g.
+            before the ``Trainer``, still shards), else 0 and 1. Each rank gets
+            ``len(dataset) // world_size`` rows of the epoch's permutation (the same permutation
+            on every rank: it depends on ``seed`` and the epoch only); the remainder is dropped (a
+            different remainder each epoch when shuffling), so shards are disjoint and
+            equal-sized, and every rank runs the same number of batches.
         backend: ``"auto"`` (C++ if built, else the Python fallback with a one-time warning),
             ``"native"`` (error if the extension is unavailable) or ``"python"``.
 
@@ -144,14 +155,14 @@ class TensorLoader:
         self.seed = _check_int("seed", seed, 0)
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
-        if rank is None:
-            rank, world_size = _default_rank_world()
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
-        if shard_size(n_rows, self.world_size) == 0:
-            raise ValueError(f"{n_rows} rows cannot be split across {self.world_size} ranks")
+        # None: follow torch.distributed (see the ``rank``/``world_size`` properties)
+        self._shard: Optional[Tuple[int, int]] = None
+        self._n_rows = n_rows
+        if rank is not None:
+            self._shard = _check_shard(n_rows, _check_int("rank", rank, 0),
+                                       _check_int("world_size", world_size, 1))
+        else:
+            self._shard_now()
         self.tensors = tensors
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -160,7 +171,6 @@ class TensorLoader:
             warnings.warn("pin_memory=True has no effect without CUDA; batches are not pinned",
                           RuntimeWarning, stacklevel=2)
             self.pin_memory = False
-        self._n_rows = n_rows
         self._ext = self._pick_backend(backend)
         self.backend = "native" if self._ext is not None else "python"
         self.batch_bytes = batch_size * sum(t[:1].numel() * t.element_size() for t in self.tensors)
@@ -181,6 +191,21 @@ class TensorLoader:
         state = dict(state)
         state["_ext"] = _ext.load() if state["_ext"] else None
         self.__dict__.update(state)
+
+    @property
+    def rank(self) -> int:
+        """This process's shard: as given, else ``torch.distributed``'s rank (0 without a group)."""
+        return self._shard_now()[0]
+
+    @property
+    def world_size(self) -> int:
+        """Shards per epoch: as given, else ``torch.distributed``'s world size (1 without a group)."""
+        return self._shard_now()[1]
+
+    def _shard_now(self) -> Tuple[int, int]:
+        if self._shard is not None:
+            return self._shard
+        return _check_shard(self._n_rows, *_default_rank_world())
 
     @staticmethod
     def _pick_backend(backend: str) -> Any:
@@ -248,8 +273,9 @@ class TensorLoader:
         if self._started:  # the previous iteration was abandoned: move on to a new epoch
             self._epoch, self._next_batch = self._epoch + 1, 0
         self._started = True
+        rank, world_size = self._shard_now()
         order = epoch_order(self._n_rows, seed=self.seed, epoch=self._epoch,
-                            shuffle=self.shuffle, rank=self.rank, world_size=self.world_size)
+                            shuffle=self.shuffle, rank=rank, world_size=world_size)
         it = _EpochIterator(self, order, self._next_batch)
         self._active = weakref.ref(it)
         return it
