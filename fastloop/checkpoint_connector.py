@@ -42,10 +42,19 @@ class CheckpointConnector:
 
     # ------------------------------------------------------------------ saving
     def save(self, filepath: str, weights_only: bool = False) -> None:
-        """Write a checkpoint atomically: a reader sees the old file or the whole new one."""
+        """Write a checkpoint atomically: a reader sees the old file or the whole new one.
+
+        Every rank gathers the state (the checkpoint hooks run everywhere, as in Lightning); only
+        global rank 0 writes it, and the others wait for it at a barrier, so the file exists for
+        every rank once this returns.
+        """
         if self.trainer.module is None:
             raise RuntimeError("save_checkpoint() needs a model: call fit/validate/test/predict first")
-        atomic_save(self.dump(weights_only), filepath)
+        strategy = self.trainer.strategy
+        checkpoint = self.dump(weights_only)
+        if strategy.is_global_zero:
+            atomic_save(checkpoint, filepath)
+        strategy.barrier("save_checkpoint")
 
     def dump(self, weights_only: bool = False) -> Dict[str, Any]:
         from fastloop.hparams import checkpoint_entries
@@ -99,10 +108,26 @@ class CheckpointConnector:
 
         ``"last"`` takes the callback's ``last_model_path``, else the newest ``last*.ckpt``, else
         the newest ``.ckpt`` in its directory; with none there the run starts from scratch (as in
-        Lightning), so one command can both start and resume a preemptible job.
+        Lightning), so one command can both start and resume a preemptible job. With several
+        processes, rank 0 decides and the others take its answer (or its error).
         """
         if ckpt_path not in ("last", "best"):
             return ckpt_path
+        strategy = self.trainer.strategy
+        if not strategy.is_distributed:
+            return self._resolve_here(ckpt_path, fn)
+        answer: Any = None
+        if strategy.is_global_zero:
+            try:
+                answer = ("path", self._resolve_here(ckpt_path, fn))
+            except ValueError as err:
+                answer = ("error", str(err))
+        kind, value = strategy.broadcast(answer)
+        if kind == "error":
+            raise ValueError(value)
+        return value
+
+    def _resolve_here(self, ckpt_path: str, fn: str) -> Optional[str]:
         callbacks = self.trainer.checkpoint_callbacks
         if ckpt_path == "best":
             paths = [cb.best_model_path for cb in callbacks if getattr(cb, "best_model_path", "")]

@@ -61,6 +61,16 @@ class Module(HyperparametersMixin, nn.Module):
         return self._trainer.global_step if self._trainer is not None else 0
 
     @property
+    def global_rank(self) -> int:
+        """This process's rank among all processes (0 without a trainer)."""
+        return self._trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its machine (0 without a trainer)."""
+        return self._trainer.local_rank if self._trainer is not None else 0
+
+    @property
     def logger(self) -> Any:
         """The trainer's first logger (None without a trainer or a logger)."""
         return getattr(self._trainer, "logger", None) if self._trainer is not None else None

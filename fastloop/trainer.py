@@ -33,7 +33,9 @@ from fastloop.results import MetricLogger
 from fastloop.seed import restore_rng_states
 from fastloop.state import TrainerState
 from fastloop.callbacks.defaults import as_callback_list, with_default_callbacks
-from fastloop.trainer_args import DebugFlags, check_devices, check_unsupported, normalize_precision, set_determinism
+from fastloop.distributed.errors import tag_exception
+from fastloop.distributed.strategy import Strategy, select_strategy, sync_logger_versions
+from fastloop.trainer_args import DebugFlags, check_unsupported, normalize_precision, parse_devices, set_determinism
 from fastloop.trainer_attributes import TrainerAttributes
 
 
@@ -89,11 +91,22 @@ class Trainer(TrainerAttributes):
         mode: str = "auto",
         compile_config: Optional[CompileConfig] = None,
         nonfinite: str = "raise",  # "raise" | "skip" | "ignore": see fastloop/step/nonfinite.py
+        use_distributed_sampler: bool = True,  # see fastloop/distributed/sampler.py
+        strategy: Union[str, Strategy, None] = None,
+        num_nodes: int = 1,
         **lightning_only: Any,
     ) -> None:
+        from fastloop.distributed.sampler import resolve_use_distributed_sampler
+
+        # Also takes Lightning 1.x's replace_sampler_ddp out of lightning_only.
+        self.use_distributed_sampler = resolve_use_distributed_sampler(use_distributed_sampler, lightning_only)
         check_unsupported(lightning_only)
         accelerator = accelerator or "auto"
-        check_devices(devices, accelerator)
+        # Joins torchrun's process group; outside torchrun, devices > 1 re-runs this program in
+        # that many workers and exits here (fastloop/distributed/launcher.py).
+        self.strategy: Strategy = select_strategy(strategy, device_of(accelerator), parse_devices(devices, accelerator),
+                                                  num_nodes, devices)
+        self.strategy.connect(self)
         self.debug = DebugFlags.parse(fast_dev_run, overfit_batches)
         args = self.debug.apply(dict(
             max_epochs=max_epochs, max_steps=max_steps,
@@ -120,7 +133,7 @@ class Trainer(TrainerAttributes):
             default_root_dir=default_root_dir, enable_progress_bar=enable_progress_bar, nonfinite=nonfinite,
         )
         self.mode = resolve_mode(mode)
-        self.device = device_of(accelerator)
+        self.device = self.strategy.root_device
         self.detect_anomaly = bool(detect_anomaly)
         self.reload_dataloaders_every_n_epochs = reload_dataloaders_every_n_epochs
         self.deterministic = deterministic
@@ -273,6 +286,9 @@ class Trainer(TrainerAttributes):
                 self._teardown(fn, datamodule)
                 self.logger_connector.finalize("success")
             except BaseException as exc:
+                if self.strategy.is_distributed:
+                    tag_exception(exc, self.global_rank, self.world_size)
+                self.strategy.teardown()
                 self.hooks.call_callbacks("on_exception", exc)
                 loop.teardown()
                 self.logger_connector.finalize("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -281,9 +297,12 @@ class Trainer(TrainerAttributes):
 
     def _prepare(self, fn: str, model: Module, datamodule: Optional[DataModule],
                  checkpoint: Optional[Dict[str, Any]], ckpt_path: Optional[str]) -> Optional[Dict[str, Any]]:
-        if datamodule is not None:
-            datamodule.prepare_data()
-        self.hooks.call_module("prepare_data")
+        if self.strategy.is_local_zero:  # once per node, as Lightning's prepare_data_per_node
+            if datamodule is not None:
+                datamodule.prepare_data()
+            self.hooks.call_module("prepare_data")
+        self.strategy.barrier("prepare_data")
+        sync_logger_versions(self.strategy, self.loggers)
         self.hooks.call_callbacks("setup", fn)
         if datamodule is not None:
             datamodule.setup(fn)
@@ -298,10 +317,12 @@ class Trainer(TrainerAttributes):
             self._checkpoint_loader_state = checkpoint.get("train_loader")
             self.checkpoint_connector.restore_model(checkpoint)
         if fn == "fit":
+            self.strategy.setup_fit(model)
             self.setup_optimizers()
         return checkpoint
 
     def _teardown(self, fn: str, datamodule: Optional[DataModule]) -> None:
+        self.strategy.teardown()
         self.hooks.call_callbacks("teardown", fn)
         if datamodule is not None:
             datamodule.teardown(fn)
@@ -440,6 +461,7 @@ class Trainer(TrainerAttributes):
     def _run_backward(self, loss: torch.Tensor, optimizer: Optional[Optimizer], opt_idx: Optional[int],
                       *args: Any, **kwargs: Any) -> None:
         self.hooks.call("on_before_backward", loss)
+        self.strategy.pre_backward(loss)
         self.hooks.call_module("backward", loss, optimizer, opt_idx, *args, **kwargs)
         self.hooks.call("on_after_backward")
 

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -21,8 +21,6 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 # Lightning 1.9 Trainer arguments fastloop does not implement, with the default value that
 # means "feature off" there (so passing it explicitly is harmless).
 UNSUPPORTED_WITH_DEFAULT: Dict[str, Any] = {
-    "num_nodes": 1,
-    "strategy": None,
     "plugins": None,
     "profiler": None,
     "max_time": None,
@@ -53,8 +51,6 @@ UNSUPPORTED_WITH_DEFAULT: Dict[str, Any] = {
 }
 # What to do instead, where there is something to say.
 _ADVICE = {
-    "strategy": "fastloop runs in one process for now (distributed training is planned)",
-    "num_nodes": "fastloop runs in one process for now (distributed training is planned)",
     "gpus": "use accelerator='gpu', devices=1",
     "resume_from_checkpoint": "pass ckpt_path= to trainer.fit()",
     "max_time": "use max_epochs or max_steps, or a callback that sets trainer.should_stop",
@@ -73,7 +69,7 @@ def check_unsupported(arguments: Dict[str, Any]) -> None:
         if name not in UNSUPPORTED_WITH_DEFAULT:
             raise TypeError(f"Trainer() got an unexpected keyword argument {name!r}")
         default = UNSUPPORTED_WITH_DEFAULT[name]
-        if value is None or value == default or (name == "strategy" and value in ("auto", "single_device")):
+        if value is None or value == default:
             continue
         if name == "gpus" and value in (0, [], "0"):
             continue
@@ -92,16 +88,48 @@ def normalize_precision(precision: Union[int, str]) -> str:
     return _PRECISIONS[key]
 
 
-def check_devices(devices: Any, accelerator: str) -> None:
-    """One device for now: ``None``, ``"auto"``, ``1``, ``[0]``, ``"1"`` are accepted."""
-    if devices in (None, "auto", 1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1):
-        if isinstance(devices, (list, tuple)) and devices[0] != 0 and accelerator in ("gpu", "cuda"):
-            if devices[0] >= torch.cuda.device_count():
-                raise ValueError(f"devices={devices!r}: there is no CUDA device {devices[0]}")
-        return
-    raise ValueError(
-        f"Trainer(devices={devices!r}) asks for several devices; fastloop runs on one device per process for now"
-    )
+@dataclass(frozen=True)
+class DeviceRequest:
+    """``Trainer(devices=...)`` parsed: processes per node, and which GPUs when listed."""
+
+    count: Optional[int]  # None: "auto" (torchrun's LOCAL_WORLD_SIZE under torchrun, else 1)
+    ids: Optional[Tuple[int, ...]] = None  # CUDA device indices given as a list, one per local rank
+
+
+def parse_devices(devices: Any, accelerator: str) -> DeviceRequest:
+    """``None``/``"auto"``, an int or digit string (processes per node: on a CPU, ``devices=2``
+    means two processes), ``-1`` (every GPU), or a list of GPU indices (``[0, 1]``, ``"0,1"``)."""
+    if devices is None or devices == "auto":
+        return DeviceRequest(None)
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    shown = f"Trainer(devices={devices!r})"
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            devices = [int(d) for d in text.split(",") if d.strip().lstrip("-").isdigit()]
+        elif text.lstrip("-").isdigit():
+            devices = int(text)
+        else:
+            raise ValueError(f"{shown}: expected 'auto', a number of devices or a list of GPU indices")
+    if isinstance(devices, (list, tuple)):
+        ids = list(devices)
+        if not ids or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in ids) or len(set(ids)) < len(ids):
+            raise ValueError(f"{shown}: a list of devices must hold distinct device indices >= 0")
+        if gpu:
+            missing = [d for d in ids if d >= torch.cuda.device_count()]
+            if missing:
+                raise ValueError(f"{shown}: there is no CUDA device {missing[0]}")
+            return DeviceRequest(len(ids), tuple(ids))
+        return DeviceRequest(len(ids))
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        raise ValueError(f"{shown}: expected 'auto', an int or a list of GPU indices, got {type(devices).__name__}")
+    if devices == -1:
+        if not gpu or torch.cuda.device_count() == 0:
+            raise ValueError(f"{shown} means every GPU, and there is none; on a CPU pass the number of processes")
+        return DeviceRequest(torch.cuda.device_count())
+    if devices < 1:
+        raise ValueError(f"{shown}: the number of devices must be >= 1 (or -1 for every GPU)")
+    return DeviceRequest(devices)
 
 
 @dataclass(frozen=True)

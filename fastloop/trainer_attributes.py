@@ -128,16 +128,37 @@ class TrainerAttributes:
     def overfit_batches(self) -> Union[int, float]:
         return self.debug.overfit_batches
 
+    # ------------------------------------------------ processes (trainer.strategy)
     @property
     def is_global_zero(self) -> bool:
-        return True  # one process: torchrun support will make this the rank check
+        """Whether this is the process that writes checkpoints and logs (global rank 0)."""
+        return self.strategy.is_global_zero
 
-    global_rank = 0
-    local_rank = 0
-    node_rank = 0
-    world_size = 1
-    num_nodes = 1
-    num_devices = 1
+    @property
+    def global_rank(self) -> int:
+        return self.strategy.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.strategy.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self.strategy.node_rank
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the run (all nodes)."""
+        return self.strategy.world_size
+
+    @property
+    def num_nodes(self) -> int:
+        return self.strategy.num_nodes
+
+    @property
+    def num_devices(self) -> int:
+        """Processes (devices) per node."""
+        return self.strategy.num_processes
 
     @property
     def val_check_interval(self) -> Union[int, float]:

@@ -48,13 +48,20 @@ def test_log_accepts_every_lightning_argument_and_forwards_what_the_metric_logge
     module = BoringModel()
     metrics = attached(module)
     value = torch.tensor(2.0)
+    group = object()
     module.log("a", value, prog_bar=True, logger=False, on_step=True, on_epoch=False, reduce_fx="sum",
-               enable_graph=True, sync_dist=True, sync_dist_group=object(), add_dataloader_idx=False, batch_size=4,
+               enable_graph=True, sync_dist=True, sync_dist_group=group, add_dataloader_idx=False, batch_size=4,
                metric_attribute="m", rank_zero_only=True)
-    module.log("b", 1.0)
+    module.log("b", 1.0, sync_dist=True)
+    module.log("c", 1.0)
     assert metrics.calls == [
-        ("a", value, dict(prog_bar=True, logger=False, on_step=True, on_epoch=False, reduce_fx="sum", batch_size=4)),
-        ("b", 1.0, dict(prog_bar=False, logger=True, on_step=None, on_epoch=None, reduce_fx="mean", batch_size=None)),
+        # rank_zero_only values are never reduced across ranks (only rank 0 would join the collective)
+        ("a", value, dict(prog_bar=True, logger=False, on_step=True, on_epoch=False, reduce_fx="sum", batch_size=4,
+                          sync_dist=False, sync_dist_group=group)),
+        ("b", 1.0, dict(prog_bar=False, logger=True, on_step=None, on_epoch=None, reduce_fx="mean", batch_size=None,
+                        sync_dist=True, sync_dist_group=None)),
+        ("c", 1.0, dict(prog_bar=False, logger=True, on_step=None, on_epoch=None, reduce_fx="mean", batch_size=None,
+                        sync_dist=False, sync_dist_group=None)),
     ]
 
 
@@ -73,8 +80,9 @@ def test_log_dict_passes_the_options_to_each_item():
     module = BoringModel()
     metrics = attached(module)
     module.log_dict({"a": 1.0, "b": 2.0}, prog_bar=True, on_epoch=True, reduce_fx=torch.max, batch_size=3,
-                    sync_dist=True, rank_zero_only=True)
-    options = dict(prog_bar=True, logger=True, on_step=None, on_epoch=True, reduce_fx="max", batch_size=3)
+                    sync_dist=True)
+    options = dict(prog_bar=True, logger=True, on_step=None, on_epoch=True, reduce_fx="max", batch_size=3,
+                   sync_dist=True, sync_dist_group=None)
     assert metrics.calls == [("a", 1.0, options), ("b", 2.0, options)]
 
 

@@ -147,7 +147,7 @@ def test_lightning_only_arguments_at_their_defaults_are_accepted():
 
 
 @pytest.mark.parametrize("name, value", [
-    ("profiler", "simple"), ("gpus", 1), ("strategy", "ddp"), ("num_nodes", 2), ("track_grad_norm", 2),
+    ("profiler", "simple"), ("gpus", 1), ("num_nodes", 2), ("track_grad_norm", 2),
     ("max_time", "00:00:01:00"), ("auto_lr_find", True),
 ])
 def test_lightning_only_arguments_with_other_values_are_named(name, value):

@@ -1,8 +1,9 @@
 """Which process may write logs: only global rank 0 does, as in Lightning.
 
-The rank is read from the environment on every call (the launchers' variables, in
-Lightning's order of precedence), so a logger built before the processes were spawned
-still answers for the process it runs in.
+The rank is the trainer's: that of the initialized ``torch.distributed`` process group (which
+the Trainer joins under torchrun, or the user set up), else the launchers' environment variables
+in Lightning's order of precedence. It is read on every call, so a logger built before the
+processes were spawned still answers for the process it runs in.
 """
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import functools
 import os
 from typing import Any, Callable, Optional, TypeVar
 
+import torch.distributed
+
 _RANK_ENV_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def global_rank() -> int:
-    """This process's global rank: the first rank variable set in the environment, else 0."""
+    """This process's global rank: the process group's, else the first rank variable set in the
+    environment, else 0."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     for key in _RANK_ENV_KEYS:
         value = os.environ.get(key)
         if value is not None:

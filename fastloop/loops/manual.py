@@ -61,7 +61,7 @@ class ManualOptimization(Loop):
         self._output = None
 
     def advance(self, batch: Any, batch_idx: int) -> None:
-        output = self.trainer.hooks.call_module("training_step", batch, batch_idx)
+        output = self.trainer.strategy.training_step(batch, batch_idx)  # through DDP when distributed
         self._output = self._parse(output)
         self._done = True
 
