@@ -38,6 +38,7 @@ def has_own_state(loader: Any) -> bool:
 
 class CheckpointConnector:
     def __init__(self, trainer: "Trainer") -> None:
+        self._weights_before: Optional[Dict[str, torch.Tensor]] = None
         self.trainer = trainer
 
     # ------------------------------------------------------------------ saving
@@ -149,10 +150,13 @@ class CheckpointConnector:
             return None
         return max(existing, key=os.path.getmtime)
 
-    def restore_model(self, checkpoint: Dict[str, Any]) -> None:
+    def restore_model(self, checkpoint: Dict[str, Any], fn: str) -> None:
         """Run the load hooks, check that the (possibly hook-edited) weights fit the module, then
         load them: torch's ``load_state_dict`` copies the matching tensors before it raises on the
-        others, so a checkpoint of another model would otherwise leave the module half-loaded."""
+        others, so a checkpoint of another model would otherwise leave the module half-loaded.
+        The datamodule's and (when fitting) the callbacks' states follow, as in Lightning, before
+        ``configure_optimizers``; the optimizers, schedulers and loops come in ``restore_run_state``
+        once ``on_fit_start`` ran (a callback may rebuild param groups there)."""
         trainer = self.trainer
         assert trainer.module is not None
         datamodule = trainer.datamodule
@@ -161,11 +165,41 @@ class CheckpointConnector:
         trainer.hooks.call_module("on_load_checkpoint", checkpoint)
         trainer.hooks.call_callbacks("on_load_checkpoint", checkpoint)
         check_weights_fit(trainer.module, checkpoint["state_dict"], checkpoint_name(checkpoint))
+        if fn == "fit":
+            # The optimizer states can only be checked after configure_optimizers; if they do not
+            # fit, restore_run_state puts these weights back (a copy on the host, freed after).
+            self._weights_before = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in trainer.module.state_dict().items()}
         trainer.module.load_state_dict(checkpoint["state_dict"])
+        if datamodule is not None and "datamodule" in checkpoint:
+            datamodule.load_state_dict(checkpoint["datamodule"])
+        if fn == "fit":
+            for cb in trainer.hooks.callbacks:
+                if cb.state_key in checkpoint.get("callbacks", {}):
+                    cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
 
     def restore_run_state(self, checkpoint: Dict[str, Any], fn: str, loop: Loop) -> None:
+        """Optimizers, LR schedulers and loop progress. Everything is checked before anything is
+        loaded; on a mismatch the module gets back the weights it had before ``restore_model``."""
         if fn != "fit":
             return
+        weights_before, self._weights_before = self._weights_before, None
+        try:
+            self._check_run_state(checkpoint)
+        except CheckpointError:
+            if weights_before is not None:
+                self.trainer.module.load_state_dict(weights_before)
+            raise
+        trainer = self.trainer
+        for opt, state in zip(trainer.optimizers, checkpoint["optimizer_states"]):
+            opt.load_state_dict(state)
+        for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
+            config.scheduler.load_state_dict(state)
+        loops = checkpoint.get("loops", {})
+        if LOOP_KEYS[fn] in loops:
+            loop.load_state_dict(loops[LOOP_KEYS[fn]])
+
+    def _check_run_state(self, checkpoint: Dict[str, Any]) -> None:
         trainer = self.trainer
         name = checkpoint_name(checkpoint)
         states = checkpoint.get("optimizer_states")
@@ -182,20 +216,8 @@ class CheckpointConnector:
                 f"{name} holds {len(scheds)} LR scheduler states but configure_optimizers returned "
                 f"{len(trainer.lr_scheduler_configs)} schedulers"
             )
-        for i, (opt, state) in enumerate(zip(trainer.optimizers, states)):  # all checked before any is loaded
+        for i, (opt, state) in enumerate(zip(trainer.optimizers, states)):
             check_optimizer_state_fits(opt, state, f"{name}, optimizer {i} ({type(opt).__name__})")
-        for opt, state in zip(trainer.optimizers, states):
-            opt.load_state_dict(state)
-        for config, state in zip(trainer.lr_scheduler_configs, scheds):
-            config.scheduler.load_state_dict(state)
-        for cb in trainer.hooks.callbacks:
-            if cb.state_key in checkpoint.get("callbacks", {}):
-                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
-        if trainer.datamodule is not None and "datamodule" in checkpoint:
-            trainer.datamodule.load_state_dict(checkpoint["datamodule"])
-        loops = checkpoint.get("loops", {})
-        if LOOP_KEYS[fn] in loops:
-            loop.load_state_dict(loops[LOOP_KEYS[fn]])
 
 
 def checkpoint_name(checkpoint: Dict[str, Any]) -> str:

@@ -268,10 +268,10 @@ class Trainer(TrainerAttributes):
             try:
                 checkpoint = self._prepare(fn, model, datamodule, checkpoint, ckpt_path)
                 self._setup_loops(loop, _LOOP_KEYS[fn])
-                if checkpoint is not None:
-                    self.checkpoint_connector.restore_run_state(checkpoint, fn, loop)
                 if fn == "fit":
                     self.hooks.call("on_fit_start")
+                if checkpoint is not None:  # after on_fit_start, as Lightning restores its training state
+                    self.checkpoint_connector.restore_run_state(checkpoint, fn, loop)
                 self.logger_connector.log_hyperparams()
                 if checkpoint is not None and "rng_states" in checkpoint and fn == "fit":
                     restore_rng_states(checkpoint["rng_states"])
@@ -315,7 +315,7 @@ class Trainer(TrainerAttributes):
             self._restored_from = resolved
         if checkpoint is not None:
             self._checkpoint_loader_state = checkpoint.get("train_loader")
-            self.checkpoint_connector.restore_model(checkpoint)
+            self.checkpoint_connector.restore_model(checkpoint, fn)
         if fn == "fit":
             self.strategy.setup_fit(model)
             self.setup_optimizers()

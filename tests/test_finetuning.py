@@ -93,3 +93,26 @@ def test_fused_modes_reject_what_they_cannot_follow_before_the_first_step():
     with pytest.raises(ValueError, match="optimizer 0 holds 2 frozen parameters, which the fused step"):
         finetune(trainer, AllParams(), random_loader(), strategy="freeze")
     assert trainer.global_step == 0
+
+
+def test_freeze_unfreeze_resumes_after_its_epoch_as_an_uninterrupted_fit(tmp_path):
+    """The checkpoint's optimizer has the backbone's group; the resumed configure_optimizers has not:
+    the callback puts the group back (unfrozen) before the optimizer state is restored."""
+    from fastloop.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt_path=None, save=False):
+        torch.manual_seed(0)
+        model = WithBackbone()
+        callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)] if save else []
+        trainer = Trainer(max_epochs=epochs, enable_progress_bar=False, logger=False, enable_model_summary=False,
+                          enable_checkpointing=save, callbacks=callbacks)
+        torch.manual_seed(1)
+        finetune(trainer, model, random_loader(), strategy=("freeze_unfreeze", 1), ckpt_path=ckpt_path)
+        return trainer, model
+
+    _, reference = run(3)
+    run(2, save=True)  # stops after the unfreeze epoch
+    trainer, resumed = run(3, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(trainer.optimizers[0].param_groups) == 2
+    for (name, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

@@ -18,7 +18,7 @@ message saying what to change, rather than trained differently from eager.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -112,7 +112,39 @@ class FreezeUnfreeze(BackboneFinetuning):
                 f"finetuning strategy 'freeze_unfreeze' adds a param group at epoch {self.unfreeze_epoch}, which the "
                 f"fused step (mode {trainer.mode!r}) cannot follow; use Trainer(mode='eager') or strategy 'freeze'"
             )
+        self._trainer = trainer
+        self._restore_param_groups(trainer, pl_module)
         super().on_fit_start(trainer, pl_module)
+
+    # A resumed fit rebuilds the optimizer from configure_optimizers (backbone frozen, one group):
+    # the checkpoint keeps the groups added since, by parameter name, to be put back at fit start
+    # (before the optimizer states are restored), unfrozen as they were when saved.
+    def state_dict(self) -> Dict[str, Any]:
+        trainer = self._trainer
+        if trainer is None:
+            return {}
+        names = {id(p): n for n, p in trainer.lightning_module.named_parameters()}
+        return {"param_groups": [[{**{k: v for k, v in g.items() if k != "params"},
+                                   "param_names": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]
+                                 for opt in trainer.optimizers]}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._restored_groups = state_dict.get("param_groups")
+
+    _trainer: Any = None
+    _restored_groups: Optional[List[List[Dict[str, Any]]]] = None
+
+    def _restore_param_groups(self, trainer: Any, module: Any) -> None:
+        saved, self._restored_groups = self._restored_groups, None
+        if not saved:
+            return
+        named = dict(module.named_parameters())
+        for opt, groups in zip(trainer.optimizers, saved):
+            for group in groups[len(opt.param_groups):]:
+                params = [named[n] for n in group["param_names"]]
+                for p in params:
+                    p.requires_grad = True
+                opt.add_param_group({**{k: v for k, v in group.items() if k != "param_names"}, "params": params})
 
     def finetune_function(self, trainer: Any, module: Any, epoch: int) -> None:
         if epoch != self.unfreeze_epoch:
