@@ -118,7 +118,7 @@ def check_step(state: Tensor, loss: Tensor, grads: Sequence[Tensor], new_window:
         first_bad = torch.argmax(nonfinite.to(torch.uint8))
         grad_bad = nonfinite.any()  # the same loop as the argmax: inductor fuses the two
         ends = torch.tensor(_cumulative_sizes(grads), dtype=first_bad.dtype, device=flat.device)
-        param = torch.searchsorted(ends, first_bad, right=True)
+        param = (ends <= first_bad).sum()
         bad = loss_bad | grad_bad
         what = torch.where(loss_bad, what, torch.where(grad_bad, param.to(state.dtype) + 1, what))
     steps, first = state[STEPS], state[FIRST]
