@@ -57,11 +57,14 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ._compile import CountingBackend, compile_fullgraph
+from .cpu_inductor import cpu_step_options
 from .direct_call import DirectCall, call_key
 from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
 from .nonfinite import WINDOW, check_step, new_state, note_window_loss
 from .precision import DeviceLossScaler, autocast
+from .conv_layout import conv_weight_names, with_channels_last
+from .recurrent import RecurrentSwap, recurrent_blockers
 
 if TYPE_CHECKING:
     from fastloop.distributed.grad_sync import GradSync
@@ -151,6 +154,8 @@ def build_fused_step(
         return None, f"precision {precision!r} is not '32', 'bf16-mixed' or '16-mixed'"
     if nonfinite not in ("raise", "skip", "ignore"):
         return None, f"nonfinite {nonfinite!r} is not 'raise', 'skip' or 'ignore'"
+    if compile and recurrent_blockers(module):  # see recurrent.py
+        return None, "; ".join(recurrent_blockers(module))
     fopt, reason = make_functional_optimizer(optimizer, params, step_on_device=step_on_device,
                                              use_triton=triton_kernels)
     if fopt is None:
@@ -178,8 +183,12 @@ def _make_core(
     scaler: Optional[DeviceLossScaler] = None,
     nonfinite: str = "ignore",
     grad_sync: Optional[GradSync] = None,
+    channels_last: frozenset = frozenset(),
 ) -> Callable:
     """The pure function that is compiled: all state comes in as arguments.
+
+    ``channels_last``: names of convolution weights the graph uses in channels_last layout
+    (see ``conv_layout``).
 
     ``scaler_state`` is ``()`` or ``(scale, growth_tracker)`` of a ``DeviceLossScaler``
     (fp16): the loss is multiplied by ``scale`` before differentiation, gradients are kept
@@ -198,7 +207,9 @@ def _make_core(
         # Buffers are an argument of the transformed function: BatchNorm's
         # in-place running-stat update on a captured tensor would be rejected.
         with autocast(device_type, precision):
-            loss, aux = loss_fn({**frozen, **train}, buffers, *batch)
+            params = {**frozen, **train}
+            loss, aux = loss_fn(with_channels_last(params, channels_last) if channels_last else params,
+                                buffers, *batch)
         scaled = loss / accumulate if accumulate > 1 else loss
         if scale is not None:
             scaled = scaled.float() * scale
@@ -309,8 +320,9 @@ class FusedStep:
         self.accumulate = accumulate
         self.compiled = compile
         self.compile_seconds = 0.0
-        self._backend = CountingBackend(inductor_config)
         named = dict(module.named_parameters())
+        # CPU: no OpenMP region for a loop ATen would run serially; C++ wrapper for small models.
+        self._backend = CountingBackend(cpu_step_options(module, named[trainable[0]].device, inductor_config))
         self._params = [named[n] for n in trainable]
         # Detached aliases share storage with the parameters: in-place updates
         # reach the module, and the graph sees no autograd-tracked inputs.
@@ -344,7 +356,10 @@ class FusedStep:
         self.triton_reason = fopt.triton_reason
         self._core_args = (loss_fn, fopt, accumulate, clip_val, clip_algorithm)
         self._core_kwargs = dict(device_type=device.type, precision=precision, triton_clip=triton_clip,
-                                 scaler=self.scaler, nonfinite=nonfinite, grad_sync=grad_sync)
+                                 scaler=self.scaler, nonfinite=nonfinite, grad_sync=grad_sync,
+                                 channels_last=conv_weight_names(module, device))
+        # nn.LSTM/GRU/RNN run as unrolled twins while Dynamo may trace (see recurrent.py).
+        self._recurrent = RecurrentSwap(module if compile else nn.Module())
 
     @property
     def graph_count(self) -> int:
@@ -455,7 +470,8 @@ class FusedStep:
     def _run_guarded(self, fn: Callable, *args: Any) -> tuple[Tensor, Any]:
         graphs_before = self._backend.graphs
         start = time.perf_counter()
-        out = fn(*args)
+        with self._recurrent:
+            out = fn(*args)
         if self._backend.graphs != graphs_before:
             self.compile_seconds += time.perf_counter() - start
         return out
