@@ -59,7 +59,7 @@ def test_options_parse():
     assert args.workloads == ["tiny-mlp", "mnist-mlp"] and args.steps == 7 and args.rounds == 3
     assert resolve_contenders(args, CPU) == ["raw", "fastloop-eager", "fastloop-compiled"]
     defaults = build_parser().parse_args([])
-    assert defaults.workloads == ["tiny-mlp"]
+    assert defaults.workloads == ["tiny-mlp", "small-transformer"]
     assert resolve_contenders(defaults, CPU) == ["raw", "fastloop-eager", "fastloop-compiled", "lightning"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--modes", "eager", "--contenders", "raw"])  # mutually exclusive
@@ -71,7 +71,7 @@ def test_json_output_matches_schema(tmp_path, capsys):
     path = tmp_path / "out.json"
     assert main(["--device", "cpu", "--contenders", "fastloop-eager,lightning,torch-compile-ro",
                  "--workloads", "tiny-mlp,data-loading", "--steps", "3", "--rounds", "2", "--warmup", "1",
-                 "--json", str(path)]) == 0
+                 "--json", str(path), "--no-plot"]) == 0
     doc = json.loads(path.read_text())
     assert validate(doc) == []
     assert doc["schema_version"] == SCHEMA_VERSION

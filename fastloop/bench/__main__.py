@@ -1,8 +1,13 @@
 """``python -m fastloop.bench``: step throughput of fastloop vs a raw PyTorch loop.
 
-With no arguments it times the default workload (tiny-mlp) with raw, fastloop-eager,
+With no arguments it times the default workloads (tiny-mlp, the pure loop overhead, and
+small-transformer, a model whose step and compile are not trivial) with raw, fastloop-eager,
 fastloop-compiled and Lightning (when installed; on CUDA also fastloop-cudagraph and
-torch-compile-ro) and prints a table. Progress goes to stderr, the table to stdout.
+torch-compile-ro), prints a table and, when matplotlib is installed, writes the bar chart
+``fastloop-bench.png`` (``--plot PATH`` elsewhere, ``--no-plot`` none). Progress goes to
+stderr, the table to stdout. No new round starts after ``--time-budget`` seconds per workload,
+so the default run stays within about 3 minutes on a 2-core CPU once the inductor cache is warm
+(``benchmarks/RESULTS.md``, "Compile time"; a cold cache adds about a minute there).
 
 Examples::
 
@@ -28,12 +33,15 @@ from fastloop.bench.loader_workload import loader_throughput
 from fastloop.bench.registry import CONTENDERS, REFERENCE, default_contenders
 from fastloop.bench.runner import Row, run_workload
 from fastloop.bench.schema import SCHEMA_VERSION
-from fastloop.bench.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
+from fastloop.bench.workloads import WORKLOADS, get_workload
 
+# The loop-overhead workload and one model whose compile and step are not trivial.
+DEFAULT_WORKLOADS = ("tiny-mlp", "small-transformer")
+DEFAULT_PLOT = "fastloop-bench.png"  # written when matplotlib is installed (--no-plot: never)
 DEFAULT_STEPS = 100
 DEFAULT_ROUNDS = 15
 DEFAULT_WARMUP = 10
-DEFAULT_TIME_BUDGET = 90.0  # keeps the default run under 3 minutes on a slow or busy machine
+DEFAULT_TIME_BUDGET = 60.0  # per workload: keeps the default run under 3 minutes on a slow or busy machine
 
 
 def _csv(text: str) -> List[str]:
@@ -43,8 +51,8 @@ def _csv(text: str) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastloop.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", type=_csv, default=[DEFAULT_WORKLOAD],
-                   help=f"comma-separated, from: {', '.join(WORKLOADS)} (default {DEFAULT_WORKLOAD})")
+    p.add_argument("--workloads", type=_csv, default=list(DEFAULT_WORKLOADS),
+                   help=f"comma-separated, from: {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--modes", type=_csv, default=None,
                        help="fastloop modes to time (eager,compiled,cudagraph); raw is always included")
@@ -61,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative final-loss difference from raw above which a contender is flagged")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write results as JSON (schema: fastloop.bench.schema)")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument("--plot", metavar="PATH", default=None,
+                      help=f"write a PNG bar chart (needs matplotlib; default {DEFAULT_PLOT} when it is installed)")
+    plot.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--list", action="store_true", help="list workloads and contenders, then exit")
     return p
 
@@ -145,13 +156,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for line in report.extras_lines({k: v for k, v in doc["extras"].items() if v.get("status") == "ok"}):
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(doc, f, indent=2)
+        os.replace(tmp, args.json)  # atomic: a reader never sees half a file
         print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        problem = report.plot(rows, args.plot)
-        print(problem or f"wrote {args.plot}", file=sys.stderr)
+    path = plot_path(args)
+    if path:
+        problem = report.plot(rows, path)
+        print(problem or f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def plot_path(args: argparse.Namespace) -> Optional[str]:
+    """Where to write the plot: ``--plot PATH``; by default ``DEFAULT_PLOT`` when matplotlib is
+    installed (an explicit ``--plot`` without matplotlib is reported by ``report.plot``)."""
+    if args.no_plot:
+        return None
+    if args.plot is not None:
+        return args.plot or None
+    return DEFAULT_PLOT if report.matplotlib_available() else None
 
 
 if __name__ == "__main__":

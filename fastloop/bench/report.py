@@ -1,6 +1,8 @@
 """Render results: the terminal table and the optional PNG bar chart."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from fastloop.bench.runner import Row, rank
@@ -77,9 +79,15 @@ def legend() -> str:
             "Δloss: |loss - raw| / |raw|; flagged and failed rows are not ranked.")
 
 
+def matplotlib_available() -> bool:
+    """Whether ``plot`` can draw (matplotlib is importable), without importing it."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(rows: List[Row], path: str) -> Optional[str]:
-    """Write a bar chart of µs/step per workload and contender; returns an error message when
-    matplotlib is missing (nothing is written then)."""
+    """Write a bar chart of µs/step per workload and contender (atomically: a temporary file
+    renamed over ``path``); returns an error message when matplotlib is missing (nothing is
+    written then)."""
     try:
         import matplotlib
 
@@ -99,8 +107,14 @@ def plot(rows: List[Row], path: str) -> Optional[str]:
         ax.set_ylabel("µs/step (median, lower is better)")
         ax.tick_params(axis="x", rotation=35, labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return None
 
 
