@@ -66,6 +66,13 @@ def _sequence_batch(g: torch.Generator, n: int = 30, steps: int = 100) -> Batch:
     return torch.randn(n, steps, 10, generator=g), torch.randn(n, steps, 5, generator=g)
 
 
+def _gru_regressor() -> nn.Module:
+    """ParityModuleRNN with a GRU in place of the LSTM."""
+    model = models.LSTMRegressor()
+    model.rnn = nn.GRU(10, 20, batch_first=True)
+    return model
+
+
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload(
         "tiny-mlp", "MLP 32->64->10, batch 64, Adam (pure loop overhead)", 64,
@@ -81,6 +88,16 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
         "tiny-lstm", "ParityModuleRNN: LSTM 10->20 + Linear 20->5, batch 30, Adam lr 0.02, MSE", 30,
         make_model=models.LSTMRegressor, make_optimizer=partial(torch.optim.Adam, lr=0.02),
         make_batch=_sequence_batch, loss_fn=F.mse_loss,
+    ),
+    Workload(
+        "short-lstm", "tiny-lstm over 16 time steps (short enough for the fused step to unroll)", 30,
+        make_model=models.LSTMRegressor, make_optimizer=partial(torch.optim.Adam, lr=0.02),
+        make_batch=partial(_sequence_batch, steps=16), loss_fn=F.mse_loss,
+    ),
+    Workload(
+        "short-gru", "GRU 10->20 + Linear 20->5 over 16 time steps, batch 30, Adam lr 0.02, MSE", 30,
+        make_model=_gru_regressor, make_optimizer=partial(torch.optim.Adam, lr=0.02),
+        make_batch=partial(_sequence_batch, steps=16), loss_fn=F.mse_loss,
     ),
     Workload(
         "small-cnn", "LeNet-like convnet on 1x28x28, batch 64, SGD momentum 0.9", 64,

@@ -63,7 +63,7 @@ from .functional_optim import FunctionalOptimizer, make_functional_optimizer
 from .grad_clip import clip_grads, clip_grads_triton
 from .nonfinite import WINDOW, check_step, new_state, note_window_loss
 from .precision import DeviceLossScaler, autocast
-from .conv_layout import conv_weight_names, with_channels_last
+from .conv_layout import conv_weight_names, single_channel_last, with_channels_last
 from .recurrent import RecurrentSwap, recurrent_blockers
 
 if TYPE_CHECKING:
@@ -187,8 +187,8 @@ def _make_core(
 ) -> Callable:
     """The pure function that is compiled: all state comes in as arguments.
 
-    ``channels_last``: names of convolution weights the graph uses in channels_last layout
-    (see ``conv_layout``).
+    ``channels_last``: names of convolution weights the graph uses in channels_last layout (see
+    ``conv_layout``; ``FusedStep.call_args`` restrides one-channel batch images to match).
 
     ``scaler_state`` is ``()`` or ``(scale, growth_tracker)`` of a ``DeviceLossScaler``
     (fp16): the loss is multiplied by ``scale`` before differentiation, gradients are kept
@@ -208,8 +208,9 @@ def _make_core(
         # in-place running-stat update on a captured tensor would be rejected.
         with autocast(device_type, precision):
             params = {**frozen, **train}
-            loss, aux = loss_fn(with_channels_last(params, channels_last) if channels_last else params,
-                                buffers, *batch)
+            if channels_last:  # conv weights channels_last (see conv_layout)
+                params = with_channels_last(params, channels_last)
+            loss, aux = loss_fn(params, buffers, *batch)
         scaled = loss / accumulate if accumulate > 1 else loss
         if scale is not None:
             scaled = scaled.float() * scale
@@ -410,6 +411,8 @@ class FusedStep:
         if self.grad_sync is not None and self._new_window:
             self.grad_sync.broadcast_buffers(list(self._buffers.values()))  # as DDP: rank 0's, per window
         flag = self._true if self._new_window else self._false
+        if self._core_kwargs["channels_last"]:  # one-channel images as channels_last views (see conv_layout)
+            batch = single_channel_last(batch)
         return (self._train, self._frozen, self._buffers, self._grads(), opt_inputs, self._scaler_state,
                 self._nonfinite_args, flag, batch)
 
