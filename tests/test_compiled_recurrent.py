@@ -140,3 +140,28 @@ def test_long_sequence_runs_eagerly_with_the_reason():
         f"{seq} cell calls, more than the {MAX_UNROLLED_STEPS} the fused step unrolls (compile time grows with "
         "each; see fastloop.step.recurrent.MAX_UNROLLED_STEPS))"
     ]
+
+
+class SeqNetWithValidation(SeqNet):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.rnn(x)
+        self.log("val_loss", nn.functional.mse_loss(self.head(out), y))
+
+
+@pytest.mark.compile
+@pytest.mark.usefixtures("no_mode_override")
+def test_validation_of_a_recurrent_model_compiles_and_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = SeqNetWithValidation(nn.GRU(3, 4, batch_first=True))
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(6, 4, 3, generator=g), torch.randn(6, 4, 2, generator=g)), batch_size=3)
+    results = {}
+    for mode in ("eager", "compiled"):
+        trainer = Trainer(mode=mode, enable_progress_bar=False, logger=False, enable_model_summary=False)
+        results[mode] = trainer.validate(model, loader, verbose=False)[0]["val_loss"]
+    assert "validate_loop.epoch_loop (EvaluationEpochLoop): compiled [1 graph(s)" in trainer.explain(), trainer.explain()
+    assert "fallback" not in trainer.explain()
+    assert type(model.rnn) is nn.GRU
+    assert abs(results["compiled"] - results["eager"]) <= 1e-5 + 1e-4 * abs(results["eager"])

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fastloop.step.output import StepOutput
+from fastloop.step.recurrent import RecurrentSwap
 from fastloop.step.eager import eager_train_step
 from fastloop.step.errors import first_line, quietly
 from fastloop.step.fused_step import FusedStep
@@ -244,6 +245,7 @@ class CompiledEvalStep:
         self._compiled: Dict[str, Any] = {}
         self._capture: List[Any] = []
         self.compile_seconds = 0.0
+        self._recurrent: Optional[RecurrentSwap] = None  # the module's RNNs, unrolled while compiled
 
     @property
     def graph_count(self) -> int:
@@ -271,8 +273,11 @@ class CompiledEvalStep:
         graphs = self._backend.graphs
         start = time.perf_counter()
         failure: Optional[Exception] = None
+        if self._recurrent is None:
+            self._recurrent = RecurrentSwap(trainer.module)
         try:
-            output = self._fn(hook)(batch, 0, *rest)
+            with self._recurrent:
+                output = self._fn(hook)(batch, 0, *rest)
         except Exception as exc:  # compile failures surface here
             failure = exc
         finally:
