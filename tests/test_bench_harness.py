@@ -53,6 +53,19 @@ def test_loss_mismatch_is_flagged_and_not_ranked():
     assert rank(rows) == {"raw": 1, "slow": 2}
 
 
+def test_parity_is_checked_on_the_loss_after_warm_up():
+    """A final loss apart by fp32 drift alone is a note; a warm-up loss apart is a flag."""
+    rows = [Row("w", "raw", final_loss=1.0, warmup_loss=2.0, us_per_step=10.0, us_per_step_rounds=[10.0]),
+            Row("w", "drifts", final_loss=1.002, warmup_loss=2.00002, us_per_step=5.0, us_per_step_rounds=[5.0]),
+            Row("w", "wrong", final_loss=1.0, warmup_loss=2.01, us_per_step=5.0, us_per_step_rounds=[5.0])]
+    compare_with_reference(rows, loss_rtol=1e-4)
+    assert rows[1].status == "ok" and rows[1].warmup_loss_rel_diff == pytest.approx(1e-5)
+    assert rows[1].notes == ["final loss drifts from raw by 2.00e-03 (fp32 rounding compounded over the run; "
+                             "after warm-up: 1.0e-05)"]
+    assert rows[2].status == "flagged"
+    assert rows[2].notes == ["loss after the warm-up steps differs from raw by 5.00e-03 (> rtol 0.0001)"]
+
+
 def test_options_parse():
     args = build_parser().parse_args(["--workloads", "tiny-mlp,mnist-mlp", "--modes", "eager,compiled",
                                       "--device", "cpu", "--steps", "7", "--rounds", "3", "--json", "x.json"])

@@ -56,6 +56,10 @@ class Contender:
     def finish(self) -> Outcome:
         raise NotImplementedError
 
+    def current_loss(self) -> Optional[float]:
+        """The loss of the last step run so far (None if unknown); read after warm-up, untimed."""
+        return None
+
     def close(self) -> None:
         """Release resources after a failure or at the end (idempotent)."""
 

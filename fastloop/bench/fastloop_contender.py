@@ -110,6 +110,9 @@ class FastloopContender(Contender):
         assert self.driver is not None
         return self.driver.resume(steps)
 
+    def current_loss(self) -> Optional[float]:
+        return None if self.driver is None else loss_from_outputs(self.driver.last_outputs)
+
     def finish(self) -> Outcome:
         assert self.driver is not None
         self.driver.finish(self.spec.total_steps)

@@ -70,6 +70,9 @@ class RawLoop(Contender):
         synchronize(self.spec.device)  # host-device sync: the one per timed round
         return time.perf_counter() - start
 
+    def current_loss(self) -> Optional[float]:
+        return None if self.loss is None else float(self.loss.detach())  # host sync: untimed
+
     def finish(self) -> Outcome:
         loss = None if self.loss is None else float(self.loss.clone())  # .item(): a sync, after timing
         return Outcome(loss, self.mode_used)

@@ -76,7 +76,7 @@ def table(rows: List[Row]) -> str:
 def legend() -> str:
     return ("µs/step: median over rounds; spread: ±half the min-max range of the rounds; ratio: median of per-round "
             "µs/step ÷ raw's in the same round (1.050 = 5 % slower), speedup = 1/ratio; first step: seconds incl. set-up/compile/capture (excluded from µs/step); "
-            "Δloss: |loss - raw| / |raw|; flagged and failed rows are not ranked.")
+            "Δloss: |final loss - raw's| / |raw's| (the parity flag uses the loss after warm-up); flagged and failed rows are not ranked.")
 
 
 def matplotlib_available() -> bool:

@@ -29,6 +29,8 @@ Schema (version ``SCHEMA_VERSION``)::
           "first_step_s": float | null,         # first step incl. set-up, compile and capture
           "final_loss": float | null,           # loss of the last training step
           "loss_rel_diff": float | null,        # |loss - raw loss| / |raw loss|
+          "warmup_loss": float | null,          # loss of the last warm-up step
+          "warmup_loss_rel_diff": float | null, # the same difference, at the end of warm-up
           "peak_mem_bytes": int | null,         # CUDA: peak allocated during rounds above the
                                                 # round-start level; null on CPU
           "error": str | null,                  # failed: "Type: message"; skipped: reason
@@ -38,8 +40,10 @@ Schema (version ``SCHEMA_VERSION``)::
       "extras": {str: any}            # e.g. "data-loading": what measure_loader_throughput returned
     }
 
-``status`` is ``flagged`` when ``loss_rel_diff`` exceeds ``loss_rtol`` (or the loss is not
-finite): such a row is reported but not ranked against the others.
+``status`` is ``flagged`` when ``warmup_loss_rel_diff`` (``loss_rel_diff`` where the warm-up loss
+is unknown) exceeds ``loss_rtol``, or the loss is not finite: such a row is reported but not
+ranked against the others. A final-loss difference past ``loss_rtol`` alone is a note (fp32
+rounding compounds over hundreds of steps).
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ _ROW_REQUIRED = {"workload": str, "contender": str, "status": str, "mode_request
                  "us_per_step_rounds": list, "notes": list}
 _ROW_OPTIONAL = {"mode_used": str, "us_per_step": float, "steps_per_s": float, "samples_per_s": float,
                  "ratio_vs_raw": float, "speedup_vs_raw": float, "first_step_s": float, "final_loss": float,
-                 "loss_rel_diff": float, "peak_mem_bytes": int, "error": str}
+                 "loss_rel_diff": float, "warmup_loss": float, "warmup_loss_rel_diff": float,
+                 "peak_mem_bytes": int, "error": str}
 
 
 def _check(obj: Dict[str, Any], keys: Dict[str, type], where: str, nullable: bool, errors: List[str]) -> None:
