@@ -91,14 +91,6 @@ def note_window_loss(state: Tensor, loss: Tensor, new_window: Tensor) -> None:
     state.copy_(torch.cat([state[:WINDOW], window.reshape(1).to(state.dtype)]))
 
 
-def _cumulative_sizes(tensors: Sequence[Tensor]) -> List[int]:
-    total, ends = 0, []
-    for t in tensors:
-        total += t.numel()
-        ends.append(total)
-    return ends
-
-
 def check_step(state: Tensor, loss: Tensor, grads: Sequence[Tensor], new_window: Tensor, *,
                accumulate: int, check_grads: bool, latch: bool) -> Tensor:
     """Stepping call: update ``state`` and return a 0-d bool, True where the update must not apply.
@@ -111,16 +103,9 @@ def check_step(state: Tensor, loss: Tensor, grads: Sequence[Tensor], new_window:
         loss_bad = loss_bad | ((state[WINDOW] != 0) & torch.logical_not(new_window))
     bad, what = loss_bad, torch.zeros((), dtype=state.dtype, device=state.device)
     if check_grads and grads:
-        # One reduction over all gradients (one kernel, not one per gradient): the position of
-        # the first non-finite element, mapped to its parameter through the constant offsets.
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        nonfinite = torch.logical_not(torch.isfinite(flat))
-        first_bad = torch.argmax(nonfinite.to(torch.uint8))
-        grad_bad = nonfinite.any()  # the same loop as the argmax: inductor fuses the two
-        ends = torch.tensor(_cumulative_sizes(grads), dtype=first_bad.dtype, device=flat.device)
-        param = (ends <= first_bad).sum()
-        bad = loss_bad | grad_bad
-        what = torch.where(loss_bad, what, torch.where(grad_bad, param.to(state.dtype) + 1, what))
+        grad_bad = torch.stack([torch.logical_not(torch.isfinite(g).all()) for g in grads])
+        bad = loss_bad | grad_bad.any()
+        what = torch.where(loss_bad, what, torch.argmax(grad_bad.to(state.dtype)) + 1)
     steps, first = state[STEPS], state[FIRST]
     newly = bad & (first < 0)
     state.copy_(torch.stack([
