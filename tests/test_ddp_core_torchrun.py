@@ -88,7 +88,6 @@ def test_checkpoint_written_once_is_resumed_exactly_by_both_ranks(core):
     assert result(core, "first_epoch", 1)["written"] == []
 
 
-@pytest.mark.slow
 def test_plain_python_with_two_devices_launches_two_workers(tmp_path):
     out = str(tmp_path / "out")
     proc = launch([], {"out": out, "runs": [{"name": "launched", "devices": 2}]}, TIMEOUT_S)
@@ -97,7 +96,6 @@ def test_plain_python_with_two_devices_launches_two_workers(tmp_path):
     assert assert_ranks_identical(out, "launched")["world_size"] == 2
 
 
-@pytest.mark.slow
 def test_plain_python_launcher_exits_with_the_failed_workers_status(tmp_path):
     run = {"name": "failing", "devices": 2, "fail": {"rank": 1, "step": 3, "how": "raise"}}
     proc = launch([], {"out": str(tmp_path), "runs": [run]}, TIMEOUT_S)
@@ -106,7 +104,6 @@ def test_plain_python_launcher_exits_with_the_failed_workers_status(tmp_path):
     assert "fastloop: raised on global rank 1 (of 2 processes)" in proc.stdout
 
 
-@pytest.mark.slow
 def test_two_simulated_nodes_train_identically(tmp_path):
     out, port = str(tmp_path), ddp_worker.free_port()
     spec = {"out": out, "runs": [{"name": "nodes", "num_nodes": 2}]}

@@ -4,7 +4,6 @@
 ``ckpt_path="last"`` and ends bit-exactly where an uninterrupted run ends."""
 import time
 
-import pytest
 import torch
 
 from tests.ddp_worker import launch, result, torchrun_args
@@ -30,7 +29,6 @@ def test_one_rank_raising_stops_the_run_and_is_named(tmp_path):
     assert not list(tmp_path.glob("failing.rank*.pt"))  # neither rank finished
 
 
-@pytest.mark.slow
 def test_a_rank_returning_none_stops_the_run_with_an_error_naming_it(tmp_path):
     proc, _ = run_failing(tmp_path, "none")
     assert proc.returncode != 0
@@ -38,7 +36,6 @@ def test_a_rank_returning_none_stops_the_run_with_an_error_naming_it(tmp_path):
     assert "fastloop: raised on global rank 1 (of 2 processes)" in proc.stdout
 
 
-@pytest.mark.slow
 def test_killed_worker_restarts_and_resumes_exactly(tmp_path):
     runs = [
         {"name": "reference", "skip_if_done": True},  # uninterrupted; not redone by the restarted group
