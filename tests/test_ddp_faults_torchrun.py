@@ -1,5 +1,5 @@
 """Failures under torchrun cannot hang the group: one rank raising (or returning None from
-``training_step``) stops every rank within the timeout, and the output names the rank. Slow:
+``training_step``) stops every rank within the timeout, and the output names the rank; and
 ``--max-restarts=1`` with a worker SIGKILLed mid-epoch; the restarted group resumes from
 ``ckpt_path="last"`` and ends bit-exactly where an uninterrupted run ends."""
 import time
