@@ -174,6 +174,7 @@ def train(run: Dict[str, Any], out: str, written: List[str]) -> None:
         "global_step": trainer.global_step,
         "written": list(written),
         "restored_from": trainer.ckpt_path,
+        "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         "explain": trainer.explain(),
         **{key: getattr(trainer, key) for key in ("global_rank", "local_rank", "node_rank", "world_size",
                                                    "num_nodes", "num_devices", "is_global_zero")},

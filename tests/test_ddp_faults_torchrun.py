@@ -47,9 +47,12 @@ def test_killed_worker_restarts_and_resumes_exactly(tmp_path):
     args = ["--standalone", "--nproc-per-node=2", "--monitor-interval=0.1", "--max-restarts=1"]
     proc = launch(args, {"out": str(tmp_path), "runs": runs}, TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "exitcode: -9" in proc.stdout  # the first attempt really lost a worker
+    # The first attempt really lost a worker: both results come from the restarted group (restart
+    # count 1). torchrun's own summary is not asserted: it names rank 1's exitcode -9 or, when rank 0
+    # noticed the lost peer first, rank 0's gloo error, depending on timing.
     for rank in (0, 1):
         killed, reference = result(str(tmp_path), "killed", rank), result(str(tmp_path), "reference", rank)
+        assert killed["restart_count"] == 1
         assert killed["restored_from"] == str(tmp_path / "killed_ckpts" / "last.ckpt")
         assert killed["global_step"] == 16
         for key in reference["params"]:
