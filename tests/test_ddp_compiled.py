@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,10 @@ import pytest
 import torch
 
 from fastloop.distributed.grad_sync import GradSync, capture_blocker, distributed_grad_sync
+from tests.ddp_worker import free_port
 
 WORKER = Path(__file__).with_name("ddp_compiled_worker.py")
 REPO = WORKER.parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(case: str, out_dir: Path, timeout: float = 540) -> list:

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
+from tests.ddp_worker import free_port
+
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_data_worker.py")
 SCENARIOS = ("sampler", "tensorloader", "sync", "resume")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(out_dir: str, scenarios: Tuple[str, ...], env: Dict[str, str], timeout: int) -> List[Dict[str, Any]]:
