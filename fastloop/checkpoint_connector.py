@@ -79,7 +79,10 @@ class CheckpointConnector:
             checkpoint["rng_states"] = capture_rng_states()
             checkpoint["callbacks"] = {cb.state_key: cb.state_dict() for cb in trainer.hooks.callbacks}
             if datamodule is not None:
-                checkpoint["datamodule"] = datamodule.state_dict()
+                # As Lightning 1.9: under the class's qualified name, and only a non-empty state.
+                datamodule_state = datamodule.state_dict()
+                if datamodule_state:
+                    checkpoint[type(datamodule).__qualname__] = datamodule_state
             loader = trainer.train_data.loaders[0] if trainer.train_data is not None else None
             if loader is not None and has_own_state(loader):
                 checkpoint["train_loader"] = loader.state_dict()
@@ -171,8 +174,13 @@ class CheckpointConnector:
             self._weights_before = {k: v.detach().to("cpu", copy=True)
                                     for k, v in trainer.module.state_dict().items()}
         trainer.module.load_state_dict(checkpoint["state_dict"])
-        if datamodule is not None and "datamodule" in checkpoint:
-            datamodule.load_state_dict(checkpoint["datamodule"])
+        if datamodule is not None:
+            # Lightning's key (the class's qualified name), or the fixed key "datamodule" that
+            # checkpoints of earlier fastloop versions used.
+            for key in (type(datamodule).__qualname__, "datamodule"):
+                if key in checkpoint:
+                    datamodule.load_state_dict(checkpoint[key])
+                    break
         if fn == "fit":
             for cb in trainer.hooks.callbacks:
                 if cb.state_key in checkpoint.get("callbacks", {}):

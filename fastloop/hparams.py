@@ -346,8 +346,10 @@ def load_from_checkpoint(
 
     obj = cls(**init_kwargs)
     if not isinstance(obj, nn.Module):  # a DataModule
-        if "datamodule" in checkpoint:
-            obj.load_state_dict(checkpoint["datamodule"])  # type: ignore[attr-defined]
+        for key in (type(obj).__qualname__, "datamodule"):  # Lightning's key, then fastloop's old one
+            if key in checkpoint:
+                obj.load_state_dict(checkpoint[key])  # type: ignore[attr-defined]
+                break
         return obj
 
     obj.on_load_checkpoint(checkpoint)  # type: ignore[attr-defined]

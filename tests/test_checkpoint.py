@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fastloop import Callback, Trainer
+from fastloop import Callback, LightningDataModule, Trainer
 from fastloop.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
 from fastloop.testing import BoringModel, random_dataset
 
@@ -231,3 +231,59 @@ def test_tensor_loader_seed_comes_from_the_checkpoint_at_epoch_boundaries(tmp_pa
     trainer(max_epochs=2).fit(resumed, tensor_loader(seed=99), ckpt_path=tmp_path / "e1.ckpt")
     assert first.seen + resumed.seen == model.seen
     assert torch.equal(params(model), params(resumed))
+
+
+class CountingDataModule(LightningDataModule):
+    """A stateful datamodule: counts the train loaders it made, and keeps the count in checkpoints."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaders_made = 0
+        self.loaded = None
+
+    def train_dataloader(self):
+        self.loaders_made += 1
+        return DataLoader(random_dataset(n=32), batch_size=16)
+
+    def state_dict(self):
+        return {"loaders_made": self.loaders_made}
+
+    def load_state_dict(self, state_dict):
+        self.loaded = dict(state_dict)
+
+
+class StatelessDataModule(LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(random_dataset(n=32), batch_size=16)
+
+
+def test_datamodule_state_is_saved_under_its_qualified_name_and_restored(tmp_path):
+    """As Lightning 1.9: ``checkpoint[type(dm).__qualname__]``, written only when the state is
+    non-empty, handed to ``load_state_dict`` on resume (an old fixed "datamodule" key too)."""
+    path = str(tmp_path / "dm.ckpt")
+    dm = CountingDataModule()
+    t = trainer(max_epochs=1, mode="eager")
+    t.fit(BoringModel(), datamodule=dm)
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    assert saved["CountingDataModule"] == {"loaders_made": dm.loaders_made}
+    assert "datamodule" not in saved
+
+    resumed = CountingDataModule()
+    trainer(max_epochs=2, mode="eager").fit(BoringModel(), datamodule=resumed, ckpt_path=path)
+    assert resumed.loaded == {"loaders_made": dm.loaders_made}
+
+    saved["datamodule"] = saved.pop("CountingDataModule")  # a checkpoint of an earlier fastloop
+    atomic_save(saved, path)
+    older = CountingDataModule()
+    trainer(max_epochs=2, mode="eager").fit(BoringModel(), datamodule=older, ckpt_path=path)
+    assert older.loaded == {"loaders_made": dm.loaders_made}
+
+    t = trainer(max_epochs=1, mode="eager")
+    t.fit(BoringModel(), datamodule=StatelessDataModule())
+    t.save_checkpoint(path)
+    assert "StatelessDataModule" not in torch.load(path, weights_only=False)
+    t = trainer(max_epochs=1, mode="eager")
+    t.fit(BoringModel(), datamodule=CountingDataModule())
+    t.save_checkpoint(path)
+    assert CountingDataModule.load_from_checkpoint(path).loaded == {"loaders_made": 1}
