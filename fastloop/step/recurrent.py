@@ -1,31 +1,42 @@
-"""``nn.LSTM``/``nn.GRU``/``nn.RNN`` inside the fused step, as an unrolled cell loop.
+"""``nn.LSTM``/``nn.GRU``/``nn.RNN`` inside the fused step: LSTM layers as oneDNN calls, the rest
+as an unrolled cell loop.
 
 Dynamo refuses to trace torch's recurrent modules ("Attempted to wrap RNN, GRU, or LSTM"), and
 its ``allow_rnn`` switch fails under ``torch.func.grad_and_value`` in torch 2.13 (a shape error
 in the traced backward of ``_VF.lstm``). So while the fused step runs through torch.compile,
 ``RecurrentSwap`` puts an ``UnrolledRecurrent`` twin in each recurrent module's place: a plain
-module holding the *same* ``Parameter`` objects under the same names, whose ``forward`` is the
-math of ATen's CPU implementation written out (input projections of the whole sequence in one
-``linear``, then one cell per time step, gates in ATen's order). The eager path, and the user's
-module outside the fused call, keep the original module; the swap lasts one call.
+module holding the *same* ``Parameter`` objects under the same names. The eager path, and the
+user's module outside the fused call, keep the original module; the swap lasts one call.
+
+How the twin runs each layer and direction:
+
+* Up to ``MAX_UNROLLED_STEPS`` cell calls (time steps x layers x directions): the math of ATen's
+  CPU implementation written out: input projections of the whole sequence in one ``linear``, then
+  one cell per time step, gates in ATen's order, which inductor fuses (the fastest per step for
+  small layers). RNN and one-layer GRU equal eager bit for bit, deeper GRUs to ~1e-6, LSTM to
+  ~2e-6 (eager's LSTM runs on oneDNN). Compile time grows with each traced cell.
+* Beyond, an LSTM (float32 on the CPU with oneDNN, no ``proj_size``, no autocast) runs one
+  ``fastloop::lstm_layer`` call per layer and direction (see onednn_lstm.py): the oneDNN kernels
+  eager ``nn.LSTM`` runs, forward and backward, as opaque calls whatever the sequence length, so
+  compile time does not grow with it; results equal eager bit for bit before compiling.
+* Anything else beyond ``MAX_UNROLLED_STEPS`` makes the step run eagerly, with the reason (for an
+  LSTM, also why oneDNN could not serve).
 
 Supported: every mode (LSTM, GRU, RNN tanh/relu), ``num_layers``, ``bias``, ``batch_first``,
-``bidirectional``, ``dropout`` between layers, ``proj_size``, unbatched input, an initial state.
+``bidirectional``, ``dropout`` between layers (``F.dropout`` in the graph, as before: the same
+probability, not eager's random stream), ``proj_size``, unbatched input, an initial state.
 Not fused (the step runs eagerly, with the reason): a subclass with its own ``forward``, a
-module with hooks, a ``PackedSequence`` input, and more than ``MAX_UNROLLED_STEPS`` cell calls:
-compile time grows with each traced step. (LSTM on oneDNN, ``aten.mkldnn_rnn_layer``, would not
-grow with the sequence and is what eager runs, but its backward fails under ``torch.func`` in
-torch 2.13 and a custom-op wrapper loses its gradient under Dynamo; see benchmarks/RESULTS.md.)
-The twins match eager to rounding: RNN and one-layer GRU bit for bit, deeper GRUs to ~1e-6, LSTM to
-~2e-6 (eager's LSTM runs on oneDNN on the CPU).
+module with hooks, a ``PackedSequence`` input, and the unrolled loop beyond ``MAX_UNROLLED_STEPS``.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from .onednn_lstm import lstm_layer, onednn_lstm_reason, onednn_unavailable
 
 __all__ = ["UnrolledRecurrent", "RecurrentSwap", "recurrent_blockers", "MAX_UNROLLED_STEPS"]
 
@@ -72,17 +83,27 @@ def recurrent_blockers(module: nn.Module) -> List[str]:
 
 
 class UnrolledRecurrent(nn.Module):
-    """``rnn``'s math as one cell per time step, over ``rnn``'s own parameter objects."""
+    """``rnn``'s math over ``rnn``'s own parameter objects: one cell per time step, or (long LSTMs)
+    one oneDNN call per layer and direction."""
 
-    def __init__(self, rnn: nn.RNNBase, not_fusable: type = RuntimeError) -> None:
-        """``not_fusable``: the exception raised while tracing for input the loop does not unroll."""
+    # LSTMs with fewer cell calls stay unrolled: inductor's fused cells beat oneDNN per step on small
+    # LSTMs (short-lstm: 2.36x raw unrolled, 1.44x on oneDNN; benchmarks/RESULTS.md), at a compile
+    # time that grows with the steps; beyond MAX_UNROLLED_STEPS oneDNN is the only compiled way.
+    onednn_from_cells = MAX_UNROLLED_STEPS + 1
+
+    def __init__(self, rnn: nn.RNNBase, not_fusable: type = RuntimeError, use_onednn: bool = True) -> None:
+        """``not_fusable``: the exception raised while tracing for input the loop does not unroll;
+        ``use_onednn``: run LSTM layers as oneDNN calls where they apply (see onednn_lstm.py)."""
         super().__init__()
         self.mode = rnn.mode  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
         for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size"):
             setattr(self, attr, getattr(rnn, attr))
+        self._flat_weights_names = list(rnn._flat_weights_names)
         for name in rnn._flat_weights_names:
             self.register_parameter(name, getattr(rnn, name))
+        self.use_onednn = use_onednn
+        self.onednn_off = onednn_unavailable()  # refreshed on each swap (read outside tracing)
         self._not_fusable = not_fusable  # raised while tracing for what the loop cannot express
         self.training = rnn.training
 
@@ -110,6 +131,47 @@ class UnrolledRecurrent(nn.Module):
         pre = hw + xw
         return (torch.tanh(pre) if self.mode == "RNN_TANH" else torch.relu(pre)), None
 
+    def _onednn_reason(self, x: Tensor, h0: Tensor, c0: Optional[Tensor]) -> Optional[str]:
+        """Why this call's layers cannot run on oneDNN (None: they can)."""
+        if self.mode != "LSTM":
+            return "only nn.LSTM runs on oneDNN"
+        if self.proj_size > 0:
+            return "proj_size is set"
+        if not self.use_onednn:
+            return "switched off (use_onednn=False)"
+        if self.onednn_off:
+            return self.onednn_off
+        return onednn_lstm_reason(x, h0, c0, *self._flat_weights())
+
+    def _direction_fn(self, x: Tensor, h0: Tensor,
+                      c0: Optional[Tensor]) -> Callable[..., Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """How each layer and direction runs on time-major ``x``: the unrolled cells up to
+        MAX_UNROLLED_STEPS cell calls; beyond, one oneDNN call for an LSTM where it applies
+        (length-independent), else an error (the step then runs eagerly, with the reason)."""
+        dirs = 2 if self.bidirectional else 1
+        cells = x.shape[0] * self.num_layers * dirs
+        why_not = self._onednn_reason(x, h0, c0)
+        if why_not is None and cells >= self.onednn_from_cells:
+            return self._onednn_direction
+        if cells > MAX_UNROLLED_STEPS:
+            raise self._not_fusable(
+                f"nn.{self.mode.split('_')[0]} over {x.shape[0]} time steps x {self.num_layers} layer(s) x {dirs} "
+                f"direction(s) = {cells} cell calls, more than the {MAX_UNROLLED_STEPS} the fused step unrolls "
+                "(compile time grows with each; see fastloop.step.recurrent.MAX_UNROLLED_STEPS)"
+                + (f"; not on oneDNN: {why_not}" if self.mode == "LSTM" else ""))
+        return self._direction
+
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def _onednn_direction(self, x: Tensor, h: Tensor, c: Tensor, layer: int,
+                          reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """One LSTM layer in one direction as one oneDNN call (what eager nn.LSTM runs on the CPU)."""
+        w_ih, w_hh, b_ih, b_hh, _ = self._weights(layer, "_reverse" if reverse else "")
+        if b_ih is None:  # as eager's oneDNN path: zero biases
+            b_ih = b_hh = w_ih.new_zeros(w_ih.shape[0])
+        return lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h, c, reverse)
+
     def _direction(self, x: Tensor, h: Tensor, c: Optional[Tensor], layer: int,
                    reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """One layer in one direction over time-major ``x``: (outputs, last h, last c)."""
@@ -132,12 +194,6 @@ class UnrolledRecurrent(nn.Module):
         if batched and self.batch_first:
             x = x.transpose(0, 1)
         dirs = 2 if self.bidirectional else 1
-        cells = x.shape[0] * self.num_layers * dirs
-        if cells > MAX_UNROLLED_STEPS:
-            raise self._not_fusable(
-                f"nn.{self.mode.split('_')[0]} over {x.shape[0]} time steps x {self.num_layers} layer(s) x {dirs} "
-                f"direction(s) = {cells} cell calls, more than the {MAX_UNROLLED_STEPS} the fused step unrolls "
-                "(compile time grows with each; see fastloop.step.recurrent.MAX_UNROLLED_STEPS)")
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         if hx is None:
             h0 = x.new_zeros(self.num_layers * dirs, x.shape[1], out_size)
@@ -147,6 +203,7 @@ class UnrolledRecurrent(nn.Module):
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
+        direction = self._direction_fn(x, h0, c0)
         last_h, last_c = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -154,7 +211,7 @@ class UnrolledRecurrent(nn.Module):
             outs = []
             for d in range(dirs):
                 k = layer * dirs + d
-                out, h, c = self._direction(x, h0[k], c0[k] if lstm else None, layer, reverse=d == 1)
+                out, h, c = direction(x, h0[k], c0[k] if lstm else None, layer, reverse=d == 1)
                 outs.append(out)
                 last_h.append(h)
                 last_c.append(c)
@@ -188,6 +245,7 @@ class RecurrentSwap:
     def __enter__(self) -> "RecurrentSwap":
         for parent, name, original, twin in self.sites:
             twin.training = original.training  # train()/eval() on the user's module reaches the twin
+            twin.onednn_off = onednn_unavailable()  # torch.backends.mkldnn.enabled may have changed
             parent._modules[name] = twin
         return self
 
