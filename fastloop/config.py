@@ -115,6 +115,10 @@ class CompileConfig:
     # checkpoint), so the error can come up to this many steps late. 1: read every step (a
     # host-device sync per step on a GPU).
     nonfinite_check_interval: int = 20
+    # A smaller last batch of an epoch (or of an evaluation dataloader), of a loader with a known
+    # length, runs through the eager step instead of compiling a second graph for one call per
+    # epoch (see step/last_batch.py). Not under DDP. False: compile it as any other shape.
+    eager_last_batch: bool = True
 
     def __post_init__(self) -> None:
         n = self.nonfinite_check_interval

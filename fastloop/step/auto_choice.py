@@ -97,17 +97,23 @@ class AutoChoiceStep:
                 return self.chosen(batch, batch_idx, opt_idx, optimizer)
         running_compiled = self.phase in ("warmup", "compiled")
         step = self.compiled if running_compiled else self.eager
-        graphs = self.compiled.graph_count
+        graphs, diverted = self.compiled.graph_count, self._eager_last_calls()
         output, seconds = self._timed(step, batch, batch_idx, opt_idx, optimizer)
         if running_compiled and loop.train_step is not self and loop.train_step is not None:
             # The compiled step could not compile and handed the loop the eager step for good.
             self.chosen = loop.train_step
             self.phase = "decided"
             return output
-        if self.compiled.graph_count != graphs:
+        if self.compiled.graph_count != graphs or self._eager_last_calls() != diverted:
+            # A compile, or a smaller last batch the compiled step ran eagerly: not a compiled step's time.
             self._window_compiled = True
         self._window = seconds if self._window is None else self._window + seconds
         return output
+
+    def _eager_last_calls(self) -> int:
+        """Calls the compiled step served eagerly so far (its smaller last batches)."""
+        eager_last = getattr(self.compiled, "eager_last", None)
+        return eager_last.calls if eager_last is not None else 0
 
     def _timed(self, step: Any, *args: Any) -> Tuple[StepOutput, float]:
         """Run ``step`` and time it (tests replace this to inject timings). CPU only: both steps
@@ -127,7 +133,7 @@ class AutoChoiceStep:
             if self._clean_windows >= WARMUP_WINDOWS:
                 self.phase = "compiled"
         elif self.phase == "compiled":
-            if not compiled_in_it:  # a recompile (a smaller last batch) is not a step's cost
+            if not compiled_in_it:  # a recompile or an eagerly run last batch is not a compiled step's cost
                 self.samples["compiled"].append(seconds)
             if len(self.samples["compiled"]) >= MEASURED_WINDOWS:
                 self._read_pending_checks()

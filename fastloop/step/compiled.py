@@ -10,6 +10,10 @@ falls back to the eager step for good and ``trainer.explain()`` says why, unless
 fails on the same batch too: that error (a bad batch, a bad loss) is then the user's, raised as
 eager mode raises it, with nothing of the failed compile shown (see ``step/errors.py``).
 
+A smaller last batch of an epoch (or of an evaluation dataloader) runs through the eager step
+instead of compiling a second graph for it (``CompileConfig.eager_last_batch``, see
+``step/last_batch.py``); ``trainer.explain()`` counts those calls.
+
 Under ``torch.distributed`` the fused steps all-reduce their gradients in the graph
 (``fastloop.distributed.grad_sync``; ``trainer.explain()`` names the placement). A step that
 cannot compile there raises instead of falling back: the eager step would update this rank
@@ -17,6 +21,7 @@ alone while the other ranks wait in the all-reduce.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -31,6 +36,7 @@ from fastloop.step.recurrent import RecurrentSwap
 from fastloop.step.eager import eager_train_step
 from fastloop.step.errors import first_line, quietly
 from fastloop.step.fused_step import FusedStep
+from fastloop.step.last_batch import EagerLastBatch
 from fastloop.step.nonfinite import fused_notes, make_fused_guards
 
 if TYPE_CHECKING:
@@ -138,6 +144,19 @@ class CompiledTrainStep:
         self._capture: List[Any] = []
         # Host side of each fused step's device non-finite check (step/nonfinite.py).
         self.nonfinite_guards = make_fused_guards(loop.trainer, fused)
+        # A smaller last batch of an epoch runs eagerly (step/last_batch.py), not as a second graph.
+        self.eager_last = EagerLastBatch(loop.trainer.config.compile.eager_last_batch, self._eager_last_blocker())
+        self._eager: Optional[Any] = None  # the eager step serving those batches, built on first use
+
+    def _eager_last_blocker(self) -> str:
+        """Why a smaller last batch cannot run eagerly here ('' when it can)."""
+        if any(step.grad_sync is not None for step in self.fused.values()):
+            return "under DDP the eager step would need the DDP wrapper"
+        if any(step.scaler is not None for step in self.fused.values()):
+            return "the fused step's loss scale (16-mixed) is not the eager step's"
+        if type(self)._run_fused is not CompiledTrainStep._run_fused:
+            return f"{type(self).__name__} runs its own graphs"
+        return ""
 
     @property
     def graph_count(self) -> int:
@@ -152,8 +171,8 @@ class CompiledTrainStep:
         """How the graphs were called: directly, or through torch.compile's guards and why."""
         return [f"optimizer {idx}: no direct graph calls: {step.direct_reason}" if step.direct_reason
                 else f"optimizer {idx}: {step.direct_calls} of {step.calls} calls ran the compiled graph directly"
-                for idx, step in self.fused.items()] + self._sync_notes() + fused_notes(self.loop.trainer,
-                                                                                       self.nonfinite_guards)
+                for idx, step in self.fused.items()] + self._sync_notes() + fused_notes(
+            self.loop.trainer, self.nonfinite_guards) + [note for note in [self.eager_last.note("epoch")] if note]
 
     def _sync_notes(self) -> List[str]:
         """How the ranks are kept equal under torch.distributed (nothing in one process)."""
@@ -162,6 +181,10 @@ class CompiledTrainStep:
     def __call__(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
         loop = self.loop
         trainer = loop.trainer
+        eager_last = self.eager_last
+        if eager_last.enabled and eager_last.has_reference(opt_idx) and self._at_last_batch(trainer) \
+                and eager_last.applies(opt_idx, batch):
+            return self._run_eager_last(batch, batch_idx, opt_idx, optimizer)
         hooks = trainer.hooks
         progress = loop.optim_progress.optimizer
         fused = self.fused[opt_idx]
@@ -187,6 +210,8 @@ class CompiledTrainStep:
             return self._fall_back(failure, batch, batch_idx, opt_idx, optimizer, stepping)
         for name, value, options in self.layouts[opt_idx].unpack(log_values):
             metrics.store(name, value, **options)
+        if eager_last.enabled:
+            eager_last.remember(opt_idx, batch)  # the first compiled batch's shapes: the reference
         if window_start:
             progress.zero_grad.increment_ready()
             hooks.call("on_before_zero_grad", optimizer)
@@ -200,6 +225,28 @@ class CompiledTrainStep:
                 guard.after_step(trainer, batch_idx)
             progress.step.increment_completed()
         return StepOutput(closure_loss, extra)
+
+    def _at_last_batch(self, trainer: Any) -> bool:
+        """The batch being run is the last of the epoch, from a loader of known length."""
+        epoch_loop = getattr(trainer._counting_fit_loop(), "epoch_loop", None)
+        if epoch_loop is None or not math.isfinite(trainer.num_training_batches):
+            return False
+        return epoch_loop._num_ready_batches_reached()
+
+    def _run_eager_last(self, batch: Any, batch_idx: int, opt_idx: int, optimizer: Optimizer) -> StepOutput:
+        """The smaller last batch through the eager step: it shares the parameters, ``p.grad`` (an
+        open accumulation window goes on in it) and the ``torch.optim`` state with the fused step,
+        and counts its own progress. Compiled steps not read yet are checked first, in order."""
+        guard = self.nonfinite_guards.get(opt_idx)
+        if guard is not None:
+            guard.read()
+        if self._eager is None:
+            self._eager = eager_train_step(self.loop)
+        output = self._eager(batch, batch_idx, opt_idx, optimizer)
+        self.eager_last.calls += 1
+        # A host mirror of a device step count is stale once torch's step advanced it.
+        self.fused[opt_idx].functional_optimizer._host_steps.clear()
+        return output
 
     def _run_fused(self, opt_idx: int, fused: FusedStep, batch: Any, stepping: bool) -> Tuple[Tensor, Any]:
         """Run the fused step of ``opt_idx`` for one micro-batch (the CUDA-graph step overrides this)."""
@@ -246,10 +293,25 @@ class CompiledEvalStep:
         self._capture: List[Any] = []
         self.compile_seconds = 0.0
         self._recurrent: Optional[RecurrentSwap] = None  # the module's RNNs, unrolled while compiled
+        # A smaller last batch of a dataloader runs eagerly (step/last_batch.py); keyed by hook.
+        self.eager_last = EagerLastBatch(loop.trainer.config.compile.eager_last_batch)
 
     @property
     def graph_count(self) -> int:
         return self._backend.graphs
+
+    @property
+    def notes(self) -> List[str]:
+        note = self.eager_last.note("dataloader")
+        return [note] if note else []
+
+    def _at_last_batch(self) -> bool:
+        """The batch being run is the last of its dataloader, whose length is known."""
+        progress = getattr(self.loop, "batch_progress", None)
+        limit = getattr(self.loop, "_max_batches", math.inf)
+        # Prediction counts with a plain Progress (no is_last_batch): the count against the limit.
+        return progress is not None and math.isfinite(limit) and (
+            getattr(progress, "is_last_batch", False) or progress.current.ready >= limit)
 
     def _fn(self, hook: str) -> Any:
         fn = self._compiled.get(hook)
@@ -266,6 +328,13 @@ class CompiledEvalStep:
         return fn
 
     def __call__(self, hook: str, batch: Any, batch_idx: int, *rest: Any) -> Any:
+        eager_last = self.eager_last
+        if eager_last.enabled and eager_last.has_reference(hook) and self._at_last_batch() \
+                and eager_last.applies(hook, batch):
+            from fastloop.step.eager import EagerEvalStep
+
+            eager_last.calls += 1
+            return EagerEvalStep(self.loop)(hook, batch, batch_idx, *rest)
         trainer = self.loop.trainer
         metrics = trainer.metrics
         previous_hook, trainer.hooks.current_hook = trainer.hooks.current_hook, hook
@@ -291,6 +360,8 @@ class CompiledEvalStep:
         logs, self._capture[:] = list(self._capture), []
         for name, value, options in logs:
             metrics.store(name, value, **options)
+        if eager_last.enabled:
+            eager_last.remember(hook, batch)
         return output
 
     def _fall_back(self, exc: Exception, hook: str, *args: Any) -> Any:

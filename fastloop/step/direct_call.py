@@ -88,7 +88,7 @@ def _structure(obj: Any) -> Hashable:
     if kind is Tensor or isinstance(obj, Tensor):
         return (obj.shape, obj.stride(), obj.dtype, obj.device)
     if kind is tuple or kind is list:
-        return (kind, tuple(_structure(x) for x in obj))
+        return (kind, tuple([_structure(x) for x in obj]))  # a list comprehension: no generator frames
     if kind is dict:
         return (kind, tuple((k, _structure(v)) for k, v in obj.items()))
     leaves, spec = tree_flatten(obj)

@@ -174,7 +174,7 @@ class FunctionalOptimizer:
         self.group_index = [group_of[id(p)] for p in self.params]
         self.used_groups = sorted(set(self.group_index))
         self.structure = {gi: self._structure(optimizer.param_groups[gi]) for gi in self.used_groups}
-        self._raw_structure: Optional[tuple] = None
+        self._raw_structure: Optional[list] = None
         self.device = self.params[0].device
         # The scalar table: written on the host through a numpy view (cheaper
         # than building a tensor from a list each step); on CPU it is the graph
@@ -197,6 +197,9 @@ class FunctionalOptimizer:
         # Host mirror of each Adam step count, so a device step is not read back every step
         # (Triton kernel: it reads the step itself; pure-torch update: see graph_bias_correction).
         self._host_steps: dict[int, tuple[Tensor, float]] = {}
+        # Per parameter, what prepare() needs that never changes: (param, group index, structure).
+        self._plan = [(p, gi, self.structure[gi]) for p, gi in zip(self.params, self.group_index)]
+        self._last_rows: Optional[list] = None  # the rows the table holds (skip rewriting them)
 
     @property
     def graph_bias_correction(self) -> bool:
@@ -227,9 +230,9 @@ class FunctionalOptimizer:
 
     def _check_structure(self) -> None:
         groups = self.optimizer.param_groups
-        keys = ("maximize", "nesterov", "momentum") if self.kind == "SGD" else (
-            "maximize", "amsgrad", "decoupled_weight_decay")
-        raw = tuple(tuple(groups[gi].get(k) for k in keys) for gi in self.used_groups)
+        k1, k2 = ("nesterov", "momentum") if self.kind == "SGD" else ("amsgrad", "decoupled_weight_decay")
+        # Per step: one flat list (no generator expressions), compared with the last one seen.
+        raw = [(g.get("maximize"), g.get(k1), g.get(k2)) for g in map(groups.__getitem__, self.used_groups)]
         if raw == self._raw_structure:  # fast path: nothing changed
             return
         for gi in self.used_groups:
@@ -289,50 +292,83 @@ class FunctionalOptimizer:
 
         Returns the pytree of tensors that :meth:`update` needs (pass it through
         the compiled function as an argument, never capture it).
+
+        Runs once per optimizer step, next to a graph that may take ~100 µs on a tiny model, so
+        the per-parameter loop is kept lean: constants per parameter are precomputed
+        (``_plan``), the table row is computed once per (group, step), and the table is only
+        rewritten when a row changed (SGD with a constant lr: never after the first step).
         """
         self._check_structure()
         groups = self.optimizer.param_groups
         states = self.optimizer.state
-        fresh, per_param, rows = [], [], []
-        row_cache: dict[tuple[int, float], list[float]] = {}
-        for i, p in enumerate(self.params):
-            gi = self.group_index[i]
-            s = self.structure[gi]
-            # Reading optimizer.state (a defaultdict) would create an entry: SGD without
-            # momentum keeps none, as torch's own step does.
-            st = states[p] if self.kind == "Adam" or s["momentum_nonzero"] else {}
-            fresh.append(self._init_state(p, st, s))
-            if self.kind == "Adam" and self.step_on_device and st["step"].device != p.device:
-                # After load_state_dict of a CPU step: moved once (a tiny H2D copy), not per step.
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
-            if self.kind == "Adam":
-                entry = [st["step"], st["exp_avg"], st["exp_avg_sq"]]
+        adam = self.kind == "Adam"
+        host_bias = not self.graph_bias_correction
+        fresh: list[bool] = []
+        per_param, row_keys = [], []
+        for i, (p, gi, s) in enumerate(self._plan):
+            if adam:
+                st = states[p]
+                if not st:
+                    self._init_state(p, st, s)
+                step_t = st["step"]
+                if self.step_on_device and step_t.device != p.device:
+                    # After load_state_dict of a CPU step: moved once (a tiny H2D copy), not per step.
+                    step_t = st["step"] = step_t.to(device=p.device, dtype=torch.float32)
+                entry = [step_t, st["exp_avg"], st["exp_avg_sq"]]
                 if s["amsgrad"]:
                     entry.append(st["max_exp_avg_sq"])
-                step = 1.0 if self.graph_bias_correction else self._next_host_step(i, st["step"])
-                row = row_cache.get((gi, step))
-                if row is None:
-                    row = row_cache[(gi, step)] = self._adam_row(groups[gi], step)
+                if not host_bias:
+                    row_keys.append((gi, 1.0))
+                elif step_t.is_cpu:  # torch's layout: read directly, no device sync
+                    row_keys.append((gi, float(step_t) + 1))
+                else:
+                    row_keys.append((gi, self._next_host_step(i, step_t)))
+            elif s["momentum_nonzero"]:
+                # Reading optimizer.state (a defaultdict) would create an entry: SGD without
+                # momentum keeps none, as torch's own step does.
+                st = states[p]
+                fresh.append(self._init_state(p, st, s))
+                entry = [st["momentum_buffer"]]
+                row_keys.append((gi, 0.0))
             else:
-                entry = [st["momentum_buffer"]] if s["momentum_nonzero"] else []
-                row = row_cache.get((gi, 0.0))
-                if row is None:
-                    row = row_cache[(gi, 0.0)] = self._sgd_row(groups[gi])
+                fresh.append(False)
+                entry = []
+                row_keys.append((gi, 0.0))
             per_param.append(entry)
-            rows.append(row)
-        # On CPU the previous graph call has finished (CPU execution is
-        # synchronous), so overwriting the table in place is safe.
-        self._scalars_np[...] = rows
+        self._write_rows(groups, row_keys)
         scalars = self._scalars_host
         if self._scalars_dev is not None:
             # Pageable host-to-device copy with non_blocking: CUDA stages the
             # host data immediately and does not synchronise the device.
             scalars = self._scalars_dev.copy_(scalars, non_blocking=True)
-        if self.kind == "SGD" and any(fresh):
+        if fresh and any(fresh):
             # Happens on the first step and after a state reload only. On a GPU
             # this is a small host-to-device copy (may synchronise); never per step.
             self.fresh_buf.logical_or_(torch.tensor(fresh, dtype=torch.bool).to(self.device))
         return per_param, scalars, self.fresh_buf
+
+    def _write_rows(self, groups: list, row_keys: list) -> None:
+        """Fill the scalar table: one row per (group, step) computed, written only if it changed.
+
+        On CPU the previous graph call has finished (CPU execution is synchronous), so
+        overwriting the table in place is safe; nothing else writes it.
+        """
+        cache: dict[tuple, list[float]] = {}
+        rows = []
+        for key in row_keys:
+            row = cache.get(key)
+            if row is None:
+                gi, step = key
+                group = groups[gi]
+                row = cache[key] = self._adam_row(group, step) if self.kind == "Adam" else self._sgd_row(group)
+            rows.append(row)
+        if rows == self._last_rows:
+            return
+        if len(cache) == 1:
+            self._scalars_np[:] = rows[0]  # one row for all parameters: broadcast
+        else:
+            self._scalars_np[...] = rows
+        self._last_rows = rows
 
     @staticmethod
     def state_tensors(inputs: tuple) -> list[Tensor]:
