@@ -1,7 +1,7 @@
 """Compile time of the fused step: cold and warm first step per workload, graphs, cache hits.
 
 Run:  PYTHONPATH=. python benchmarks/compile_time.py [--workloads tiny-mlp,small-transformer,gan]
-          [--variant NAME] [--last-batch] [--json out.json]
+          [--variant NAME] [--phases cold,warm,shipped] [--last-batch] [--json out.json]
 
 Each measurement is a fresh Python process (nothing of Dynamo's in-memory caches survives) that
 fits a few steps in ``mode="compiled"``. Per workload, back to back: "cold" with an empty
@@ -50,7 +50,12 @@ VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, str]]] = {
     "cpp-wrapper": ({"cpp_wrapper": True}, {}),
     "no-pattern-matcher": ({"pattern_matcher": False}, {}),
     "no-caches": ({"fx_graph_cache": False}, {"TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}),
+    "cpp-wrapper-threads1": ({"cpp_wrapper": True}, {"TORCHINDUCTOR_COMPILE_THREADS": "1"}),
+    "no-cpp-wrapper": ({"cpp_wrapper": False}, {}),
+    # Fewer, larger kernels: fewer C++ functions to generate and compile.
+    "aggressive-fusion": ({"aggressive_fusion": True}, {}),
 }
+PHASES = ("cold", "warm", "shipped")
 
 
 # --------------------------------------------------------------------------- child side
@@ -165,20 +170,25 @@ def measure(name: str, cache_dir: str, steps: int, last_batch: bool, variant: st
 
 
 def run(workloads: List[str], steps: int, last_batch: bool, variant: str, timeout: float,
-        log=lambda s: print(s, file=sys.stderr, flush=True)) -> List[Dict[str, Any]]:
+        log=lambda s: print(s, file=sys.stderr, flush=True), phases: Tuple[str, ...] = PHASES) -> List[Dict[str, Any]]:
+    """Per workload the ``phases`` asked for (cold always runs: warm and shipped reuse its cache
+    directory and its artifacts); a phase not run is None in the row."""
     rows = []
     for name in workloads:
+        row: Dict[str, Any] = {"workload": name, "variant": variant, "warm": None, "shipped": None}
         with tempfile.TemporaryDirectory(prefix="fastloop-compile-time-") as cache, \
                 tempfile.TemporaryDirectory(prefix="fastloop-compile-time-") as fresh:
-            shipped_file = os.path.join(fresh, "artifacts.bin")
-            cold = measure(name, cache, steps, last_batch, variant, timeout, (shipped_file, ""))
-            log(f"[{name}] cold: first step {cold['first_step_s']:.1f}s")
-            warm = measure(name, cache, steps, last_batch, variant, timeout)
-            log(f"[{name}] warm: first step {warm['first_step_s']:.1f}s")
-            shipped = measure(name, os.path.join(fresh, "cache"), steps, last_batch, variant, timeout,
-                              ("", shipped_file))
-            log(f"[{name}] shipped: first step {shipped['first_step_s']:.1f}s")
-        rows.append({"workload": name, "variant": variant, "cold": cold, "warm": warm, "shipped": shipped})
+            shipped_file = os.path.join(fresh, "artifacts.bin") if "shipped" in phases else ""
+            row["cold"] = measure(name, cache, steps, last_batch, variant, timeout, (shipped_file, ""))
+            log(f"[{name}] cold: first step {row['cold']['first_step_s']:.1f}s, CPU {row['cold']['fit_cpu_s']:.1f}s")
+            if "warm" in phases:
+                row["warm"] = measure(name, cache, steps, last_batch, variant, timeout)
+                log(f"[{name}] warm: first step {row['warm']['first_step_s']:.1f}s")
+            if "shipped" in phases:
+                row["shipped"] = measure(name, os.path.join(fresh, "cache"), steps, last_batch, variant, timeout,
+                                         ("", shipped_file))
+                log(f"[{name}] shipped: first step {row['shipped']['first_step_s']:.1f}s")
+        rows.append(row)
     return rows
 
 
@@ -191,14 +201,14 @@ def table(rows: List[Dict[str, Any]], last_batch: bool) -> str:
             "warm dynamo s", "warm cache hits (fx, aot)", "shipped s"] + (["last batch cold s", "last batch warm s"] if last_batch else [])
     lines = [head]
     for r in rows:
-        c, w = r["cold"], r["warm"]
+        c, w, shipped = r["cold"], r["warm"] or {}, r["shipped"] or {}
+        ratio = w["first_step_s"] / c["first_step_s"] if w else None
+        hits = f"{w['fx_hit']}/{w['fx_hit'] + w['fx_miss']}, {w['aot_hit']}/{w['aot_hit'] + w['aot_miss']}" if w else "-"
         lines.append([
-            r["workload"], r["variant"], w["mode_used"], str(w["graphs"]), _fmt(c["first_step_s"]),
-            _fmt(w["first_step_s"]), _fmt(w["first_step_s"] / c["first_step_s"], ".2f"), _fmt(c["fit_cpu_s"]),
-            _fmt(w["fit_cpu_s"]), _fmt(w["dynamo_s"]),
-            f"{w['fx_hit']}/{w['fx_hit'] + w['fx_miss']}, {w['aot_hit']}/{w['aot_hit'] + w['aot_miss']}",
-            _fmt(r["shipped"]["first_step_s"]),
-        ] + ([_fmt(c["last_step_s"]), _fmt(w["last_step_s"])] if last_batch else []))
+            r["workload"], r["variant"], c["mode_used"], str(c["graphs"]), _fmt(c["first_step_s"]),
+            _fmt(w.get("first_step_s")), _fmt(ratio, ".2f"), _fmt(c["fit_cpu_s"]),
+            _fmt(w.get("fit_cpu_s")), _fmt(w.get("dynamo_s")), hits, _fmt(shipped.get("first_step_s")),
+        ] + ([_fmt(c["last_step_s"]), _fmt(w.get("last_step_s"))] if last_batch else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
     text.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
@@ -211,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="full batches per fit (the first one compiles)")
     p.add_argument("--last-batch", action="store_true", help="add a half-size last batch (one more graph)")
     p.add_argument("--variant", default="default", choices=sorted(VARIANTS), help="a compile-time lever to apply")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="comma-separated subset of cold,warm,shipped (cold always runs)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--child", metavar="WORKLOAD", help=argparse.SUPPRESS)
@@ -227,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     rows = run([w.strip() for w in args.workloads.split(",") if w.strip()], args.steps, args.last_batch,
-               args.variant, args.timeout)
+               args.variant, args.timeout, phases=tuple(args.phases.split(",")))
     print(f"compile_time  torch {torch.__version__}  {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}  steps {args.steps}")
     print(table(rows, args.last_batch))

@@ -1,5 +1,7 @@
 """The bench's default run (workloads, plot) and the portable compile cache (issue 15, part 3)."""
 import importlib.util
+import inspect
+import io
 import os
 import sys
 
@@ -78,3 +80,88 @@ def test_load_of_a_foreign_file_names_it(tmp_path):
     junk.write_bytes(b"not a cache")
     with pytest.raises(ValueError, match=r"'.*notes\.txt' is not a compile cache written by save_compile_cache"):
         load_compile_cache(junk)
+
+
+# --- a saved (aot-compiled) step must not be served to a changed step (benchmarks/aot_identity_guards.py,
+# the check an opt-in warm start without Dynamo would need; not wired into fastloop yet)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+def _step_with(act, scale):
+    def step(x):
+        return act(x) * scale
+    return step
+
+
+def _locals_of(fn, *args):
+    """What Dynamo's guards read for a call of ``fn``: its closure variables and arguments."""
+    names = {n: c.cell_contents for n, c in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
+    names.update(inspect.signature(fn).bind(*args).arguments)
+    return names
+
+
+def test_describe_tells_functions_apart_by_name_and_code():
+    from aot_identity_guards import describe
+
+    assert describe(_step_with) == describe(_step_with)
+    assert describe(torch.tanh) != describe(torch.relu)
+    assert describe(_step_with(torch.tanh, 1.0)) == describe(_step_with(torch.relu, 2.0))  # same code
+    assert describe(_locals_of)[0] == "function" and describe(_locals_of) != describe(_step_with)
+    assert describe(torch.nn.Linear) == ("class", "torch.nn.modules.linear", "Linear")
+    assert describe(3) == ("constant", "3") and describe(object())[0] == "object"
+
+
+def test_saved_step_identity_and_dynamo_guards_reject_a_changed_closure():
+    """torch drops identity guards when it saves a step, and the loaded function checks its
+    guards on its own saved closure: a step for ``relu`` (or another scale) would run the saved
+    ``tanh`` step. IdentityGuards plus Dynamo's guards evaluated on the new closure catch both."""
+    from torch._guards import TracingContext, tracing
+
+    from aot_identity_guards import IdentityGuards
+
+    x = torch.randn(3)
+    saved_step = _step_with(torch.tanh, 2.0)
+    identity = IdentityGuards()
+    compiled = torch.compile(saved_step, backend="aot_eager", fullgraph=True, dynamic=False,
+                             options={"guard_filter_fn": identity.filter})
+    data = type(aot := compiled.aot_compile(((x,), {}))).serialize(aot).serialized_data
+    with tracing(TracingContext(None)):  # unpickling the guards installs one (torch 2.13)
+        loaded = torch.compiler.load_compiled_function(io.BytesIO(data))
+    identity = IdentityGuards(identity.entries)  # as read back from a file
+    guards = loaded._artifacts.guard_manager
+
+    same = _step_with(torch.tanh, 2.0)
+    assert identity.check(_locals_of(same, x), same.__globals__) == ""
+    assert guards.check(_locals_of(same, x))
+    torch.testing.assert_close(loaded(x), same(x))
+
+    relu = _step_with(torch.relu, 2.0)
+    assert "relu" in identity.check(_locals_of(relu, x), relu.__globals__)
+    assert not torch.equal(loaded(x), relu(x))  # what would run without the check
+
+    rescaled = _step_with(torch.tanh, 3.0)
+    assert identity.check(_locals_of(rescaled, x), rescaled.__globals__) == ""
+    assert not guards.check(_locals_of(rescaled, x))
+    assert loaded.guard_check(x)  # torch's own check reads the saved closure: it passes
+
+
+def test_identity_guards_read_the_names_dynamo_installs_while_tracing():
+    """A process that only loaded a step lacks the builtins dict and the module aliases Dynamo put
+    in the step's globals while tracing; the check finds them itself, and rejects what differs."""
+    import torch.utils._pytree as pytree
+
+    from aot_identity_guards import IdentityGuards, describe
+
+    entries = [("G['__import_torch_dot_utils_dot__pytree']", describe(pytree)),
+               ("G['__builtins_dict___0']['int']", describe(int)), ("L['n']", describe(2))]
+    assert IdentityGuards(entries).check({"n": 2}, {}) == ""
+    assert IdentityGuards(entries).check({"n": 3}, {}) == "L['n'] is ('constant', '3'), was ('constant', '2')"
+    assert "KeyError" in IdentityGuards([("G['__no_such_alias']", describe(pytree))]).check({}, {})
+
+
+def test_the_bench_transformers_compile_with_the_cpp_wrapper():
+    """One C++ translation unit instead of one per kernel: -21 % cold CPU seconds on
+    small-transformer (benchmarks/RESULTS.md), up to lm-depth-8's 418560 parameters."""
+    from fastloop.bench.models import TinyTransformerLM
+    from fastloop.step.cpu_inductor import cpu_step_options
+
+    for layers in (2, 8):
+        assert cpu_step_options(TinyTransformerLM(layers=layers), torch.device("cpu"))["cpp_wrapper"] is True

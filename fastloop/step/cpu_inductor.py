@@ -12,9 +12,13 @@ Two costs dominate a small step on a CPU once the graph is called directly (see
   size, so it never opens a region the eager step would not.
 * **The Python wrapper around the kernels.** Inductor's generated ``call`` spends a few µs of
   Python per kernel launch and buffer allocation. ``cpp_wrapper`` generates that function in C++;
-  on the tiny MLP the graph went from ~170 to ~125 µs (CPU time, 1 thread). It compiles one
-  more C++ file, so it is turned on only for small models, where the wrapper is a large share of
-  the step and the extra file is small (``CPP_WRAPPER_MAX_PARAMETERS``).
+  on the tiny MLP the graph went from ~170 to ~125 µs (CPU time, 1 thread). It also makes the
+  cold compile cheaper: the kernels and the wrapper become one C++ translation unit, one g++ run
+  instead of one per kernel, each re-reading inductor's headers (cold CPU seconds -23 % on the
+  tiny MLP, -21 % on the small transformer, whose step time did not measurably change; see
+  ``benchmarks/RESULTS.md``). That single file cannot be compiled in parallel, so very large
+  models, with many kernels for many cores to build at once, keep the Python wrapper
+  (``CPP_WRAPPER_MAX_PARAMETERS``: not measured on a many-core machine).
 
 Options the user passes (``CompileConfig(inductor_config=...)``) win over these.
 """
@@ -29,8 +33,9 @@ __all__ = ["ATEN_GRAIN_SIZE", "CPP_WRAPPER_MAX_PARAMETERS", "cpu_step_options"]
 
 # at::internal::GRAIN_SIZE: ATen's elementwise CPU kernels run serially up to this many elements.
 ATEN_GRAIN_SIZE = 32768
-# Models with at most this many parameter elements get inductor's C++ wrapper.
-CPP_WRAPPER_MAX_PARAMETERS = 1 << 16
+# Models with at most this many parameter elements get inductor's C++ wrapper (all the bench's
+# CPU models: small-transformer has 118656, lm-depth-8 418560).
+CPP_WRAPPER_MAX_PARAMETERS = 1 << 20
 
 
 def cpu_step_options(module: nn.Module, device: torch.device,
