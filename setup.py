@@ -1,12 +1,13 @@
-"""Build script: the Python package plus the optional C++ batch gatherer in csrc/."""
+"""Build script: the Python package plus the optional C++ extensions in csrc/ (batch gatherer, LSTM loop)."""
 import os
 
 from setuptools import setup
 
 
 def get_extensions() -> list:
-    """The row gatherer ``fastloop._C``: pybind11 only (no torch headers), so it builds under
-    pip's default build isolation in seconds. Set FASTLOOP_NO_BUILD_EXT=1 to skip it."""
+    """The row gatherer ``fastloop._C`` and the LSTM time loop ``fastloop._lstm``: pybind11 only
+    (no torch headers), so they build under pip's default build isolation in seconds. Set
+    FASTLOOP_NO_BUILD_EXT=1 to skip them."""
     if os.environ.get("FASTLOOP_NO_BUILD_EXT") == "1":
         return []
     from pybind11.setup_helpers import Pybind11Extension
@@ -17,7 +18,14 @@ def get_extensions() -> list:
             sources=["csrc/gather.cpp"],
             cxx_std=17,
             extra_compile_args=["-O3"],
-        )
+        ),
+        Pybind11Extension(
+            "fastloop._lstm",
+            sources=["csrc/lstm.cpp"],
+            cxx_std=17,
+            # -fno-trapping-math lets GCC vectorize the clamps of exp (selects, NaN still passes)
+            extra_compile_args=["-O3", "-fno-trapping-math"],
+        ),
     ]
 
 

@@ -1,5 +1,6 @@
 """One LSTM layer on oneDNN as an opaque operator of the fused step: compile time no longer grows
-with the sequence.
+with the sequence. (Small layers run on fastloop's own C++ loop instead, lstm_kernel.py, which
+avoids oneDNN's per-step overhead; this op serves the others, and all of them without the extension.)
 
 Eager ``nn.LSTM`` on the CPU runs ``aten.mkldnn_rnn_layer`` per layer and direction, and
 ``aten.mkldnn_rnn_layer_backward`` in backward. Neither can be traced as they are inside
@@ -119,6 +120,10 @@ class _LSTMLayer(torch.autograd.Function):
 def _forward_autograd(*args: Any) -> Tuple[Tensor, ...]:
     from torch._functorch.utils import enable_single_level_autograd_function
 
+    if not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+        # nothing to record (the compiled graph calls the op this way): skip the Function's overhead
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.fastloop.lstm_layer.default(*args)
     # Function.apply would hand over to functorch's custom_function_call while transforms are
     # active; here functorch has already unwrapped to this level, so plain autograd is right.
     with enable_single_level_autograd_function():

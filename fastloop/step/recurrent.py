@@ -1,5 +1,5 @@
-"""``nn.LSTM``/``nn.GRU``/``nn.RNN`` inside the fused step: LSTM layers as oneDNN calls, the rest
-as an unrolled cell loop.
+"""``nn.LSTM``/``nn.GRU``/``nn.RNN`` inside the fused step: long LSTM layers as one C++ loop or oneDNN
+call each, the rest as an unrolled cell loop.
 
 Dynamo refuses to trace torch's recurrent modules ("Attempted to wrap RNN, GRU, or LSTM"), and
 its ``allow_rnn`` switch fails under ``torch.func.grad_and_value`` in torch 2.13 (a shape error
@@ -15,10 +15,14 @@ How the twin runs each layer and direction:
   one cell per time step, gates in ATen's order, which inductor fuses (the fastest per step for
   small layers). RNN and one-layer GRU equal eager bit for bit, deeper GRUs to ~1e-6, LSTM to
   ~2e-6 (eager's LSTM runs on oneDNN). Compile time grows with each traced cell.
-* Beyond, an LSTM (float32 on the CPU with oneDNN, no ``proj_size``, no autocast) runs one
-  ``fastloop::lstm_layer`` call per layer and direction (see onednn_lstm.py): the oneDNN kernels
-  eager ``nn.LSTM`` runs, forward and backward, as opaque calls whatever the sequence length, so
-  compile time does not grow with it; results equal eager bit for bit before compiling.
+* Beyond, an LSTM (float32 on the CPU, no ``proj_size``, no autocast) runs one opaque call per
+  layer and direction, whatever the sequence length, so compile time does not grow with it:
+  up to ``CPP_MAX_HIDDEN`` hidden units, fastloop's C++ time loop ``fastloop::lstm_loop`` (see
+  lstm_kernel.py; the input projection stays in the graph), which equals eager to ~1e-6 and beats
+  oneDNN's per-step overhead at such sizes; larger layers, or without the extension
+  (``FASTLOOP_NO_EXT=1``, not built), ``fastloop::lstm_layer`` (see onednn_lstm.py): the oneDNN
+  kernels eager ``nn.LSTM`` runs, forward and backward, equal to eager bit for bit before compiling.
+  ``UnrolledRecurrent.lstm_kernel`` says which one the last traced call chose, and why.
 * Anything else beyond ``MAX_UNROLLED_STEPS`` makes the step run eagerly, with the reason (for an
   LSTM, also why oneDNN could not serve).
 
@@ -36,15 +40,24 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .lstm_kernel import cpp_lstm_unavailable, lstm_layer_cpp
 from .onednn_lstm import lstm_layer, onednn_lstm_reason, onednn_unavailable
 
-__all__ = ["UnrolledRecurrent", "RecurrentSwap", "recurrent_blockers", "MAX_UNROLLED_STEPS"]
+__all__ = ["UnrolledRecurrent", "RecurrentSwap", "recurrent_blockers", "MAX_UNROLLED_STEPS", "CPP_MAX_HIDDEN"]
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 # Cell calls (time steps x layers x directions) one fused graph may unroll. Compile time grows
 # with them: on the 2-core CPU VM of benchmarks/RESULTS.md, 10 LSTM steps took about 1 minute to
 # compile under load, 100 steps over 10 minutes. Longer sequences run eagerly, with the reason.
 MAX_UNROLLED_STEPS = 32
+# Largest hidden size for which long LSTM layers run on fastloop's C++ loop (lstm_kernel.py) rather
+# than oneDNN: its per-step GEMM is a plain vectorized loop, which loses to oneDNN's blocked GEMM
+# as the layer grows, while oneDNN's per-step overhead dominates small layers (layer alone, batch
+# 30, 100 steps, forward+backward, CPU time on a busy 2-core VM: 1.7-2.0x oneDNN's speed at hidden
+# 20, 1.5x at 32, 1.2-1.3x at 48, 1.1-1.4x at 64 (once 0.68x), 1.0x at 96, 0.86-0.88x at 128,
+# 0.45x at 256; benchmarks/RESULTS.md). Per step, its cost grows with batch x hidden^2 and
+# oneDNN's overhead does not: for much larger batches the crossover moves down.
+CPP_MAX_HIDDEN = 64
 
 
 def _not_fusable_error() -> type:
@@ -88,12 +101,15 @@ class UnrolledRecurrent(nn.Module):
 
     # LSTMs with fewer cell calls stay unrolled: inductor's fused cells beat oneDNN per step on small
     # LSTMs (short-lstm: 2.36x raw unrolled, 1.44x on oneDNN; benchmarks/RESULTS.md), at a compile
-    # time that grows with the steps; beyond MAX_UNROLLED_STEPS oneDNN is the only compiled way.
+    # time that grows with the steps; beyond MAX_UNROLLED_STEPS one opaque call per layer (the C++
+    # loop, or oneDNN) is the only compiled way. The name predates the C++ loop: it gates both.
     onednn_from_cells = MAX_UNROLLED_STEPS + 1
 
-    def __init__(self, rnn: nn.RNNBase, not_fusable: type = RuntimeError, use_onednn: bool = True) -> None:
+    def __init__(self, rnn: nn.RNNBase, not_fusable: type = RuntimeError, use_onednn: bool = True,
+                 use_cpp: bool = True) -> None:
         """``not_fusable``: the exception raised while tracing for input the loop does not unroll;
-        ``use_onednn``: run LSTM layers as oneDNN calls where they apply (see onednn_lstm.py)."""
+        ``use_onednn``: run LSTM layers as oneDNN calls where they apply (see onednn_lstm.py);
+        ``use_cpp``: prefer fastloop's C++ loop for small LSTM layers (see lstm_kernel.py)."""
         super().__init__()
         self.mode = rnn.mode  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
         for attr in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
@@ -103,7 +119,10 @@ class UnrolledRecurrent(nn.Module):
         for name in rnn._flat_weights_names:
             self.register_parameter(name, getattr(rnn, name))
         self.use_onednn = use_onednn
+        self.use_cpp = use_cpp
         self.onednn_off = onednn_unavailable()  # refreshed on each swap (read outside tracing)
+        self.cpp_off = cpp_lstm_unavailable()  # likewise
+        self.lstm_kernel: Optional[str] = None  # which kernel the last traced call chose for its long LSTM, and why
         self._not_fusable = not_fusable  # raised while tracing for what the loop cannot express
         self.training = rnn.training
 
@@ -143,16 +162,35 @@ class UnrolledRecurrent(nn.Module):
             return self.onednn_off
         return onednn_lstm_reason(x, h0, c0, *self._flat_weights())
 
+    def _cpp_reason(self, x: Tensor, h0: Tensor, c0: Optional[Tensor]) -> Optional[str]:
+        """Why this call's layers cannot run on the C++ loop (None: they can)."""
+        if self.mode != "LSTM" or self.proj_size > 0:
+            return "only nn.LSTM without proj_size has a C++ loop"
+        if not self.use_cpp:
+            return "switched off (use_cpp=False)"
+        if self.cpp_off:
+            return self.cpp_off
+        if self.hidden_size > CPP_MAX_HIDDEN:
+            return f"hidden_size {self.hidden_size} > CPP_MAX_HIDDEN {CPP_MAX_HIDDEN}, where oneDNN is faster"
+        return onednn_lstm_reason(x, h0, c0, *self._flat_weights())  # the same rule: float32 CPU, no autocast
+
     def _direction_fn(self, x: Tensor, h0: Tensor,
                       c0: Optional[Tensor]) -> Callable[..., Tuple[Tensor, Tensor, Optional[Tensor]]]:
         """How each layer and direction runs on time-major ``x``: the unrolled cells up to
-        MAX_UNROLLED_STEPS cell calls; beyond, one oneDNN call for an LSTM where it applies
-        (length-independent), else an error (the step then runs eagerly, with the reason)."""
+        MAX_UNROLLED_STEPS cell calls; beyond, for an LSTM, one call of the C++ loop (small layers)
+        or of oneDNN, where they apply (length-independent), else an error (the step then runs
+        eagerly, with the reason)."""
         dirs = 2 if self.bidirectional else 1
         cells = x.shape[0] * self.num_layers * dirs
         why_not = self._onednn_reason(x, h0, c0)
-        if why_not is None and cells >= self.onednn_from_cells:
-            return self._onednn_direction
+        if cells >= self.onednn_from_cells:
+            why_not_cpp = self._cpp_reason(x, h0, c0)
+            if why_not_cpp is None:
+                self.lstm_kernel = "C++ loop"
+                return self._cpp_direction
+            if why_not is None:
+                self.lstm_kernel = f"oneDNN (not the C++ loop: {why_not_cpp})"
+                return self._onednn_direction
         if cells > MAX_UNROLLED_STEPS:
             raise self._not_fusable(
                 f"nn.{self.mode.split('_')[0]} over {x.shape[0]} time steps x {self.num_layers} layer(s) x {dirs} "
@@ -171,6 +209,12 @@ class UnrolledRecurrent(nn.Module):
         if b_ih is None:  # as eager's oneDNN path: zero biases
             b_ih = b_hh = w_ih.new_zeros(w_ih.shape[0])
         return lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h, c, reverse)
+
+    def _cpp_direction(self, x: Tensor, h: Tensor, c: Tensor, layer: int,
+                       reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """One LSTM layer in one direction: the input projection in torch, the recurrence on the C++ loop."""
+        w_ih, w_hh, b_ih, b_hh, _ = self._weights(layer, "_reverse" if reverse else "")
+        return lstm_layer_cpp(x, w_ih, w_hh, b_ih, b_hh, h, c, reverse)
 
     def _direction(self, x: Tensor, h: Tensor, c: Optional[Tensor], layer: int,
                    reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -246,6 +290,7 @@ class RecurrentSwap:
         for parent, name, original, twin in self.sites:
             twin.training = original.training  # train()/eval() on the user's module reaches the twin
             twin.onednn_off = onednn_unavailable()  # torch.backends.mkldnn.enabled may have changed
+            twin.cpp_off = cpp_lstm_unavailable()
             parent._modules[name] = twin
         return self
 
