@@ -245,7 +245,7 @@ def test_pin_memory_without_cuda_warns(backend):
 
 
 def test_fallback_warns_once(monkeypatch, recwarn):
-    monkeypatch.setattr(_ext, "_state", (None, "fastloop._C is not built: test"))
+    monkeypatch.setattr(_ext.gather_ext, "_state", (None, "fastloop._C is not built: test"))
     monkeypatch.delenv("FASTLOOP_REQUIRE_EXT", raising=False)
     monkeypatch.setattr(tl, "_warned_fallback", False)
     a = TensorLoader(torch.zeros(4, 2), batch_size=2)

@@ -161,7 +161,8 @@ def test_terminal_redraws_at_most_once_per_refresh_window_and_shows_the_loss_the
     assert len(epoch0) == math.ceil(7 / 3) + 1 == len(draws(stream, "Epoch 1:"))
     shown = [(re.search(r"\| (\d+)/7 ", d).group(1), re.search(r"loss=([\d.]+)", d)) for d in epoch0]
     assert [(n, m.group(1) if m else None) for n, m in shown] == [("0", None), ("3", "2"), ("6", "3.5"), ("7", "4")]
-    assert re.search(r"\| 7/7 \[.*it/s, loss=11.5\]$", draws(stream, "Epoch 2:")[-1])  # mean of 2..21
+    # The rate reads "s/it" when a step takes over a second (a compile on a busy machine).
+    assert re.search(r"\| 7/7 \[.*(it/s|s/it), loss=11.5\]$", draws(stream, "Epoch 2:")[-1])  # mean of 2..21
     assert stream.getvalue().endswith("\n")  # closed: the cursor is on a fresh line
 
 
