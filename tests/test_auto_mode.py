@@ -128,6 +128,7 @@ def fit(mode, **kwargs):
     return model, trainer
 
 
+@pytest.mark.slow  # a real compile and timing; the decision logic is tested with injected timings above
 @pytest.mark.compile
 def test_auto_runs_eagerly_where_compiled_does_not_win_and_explains(no_mode_override, monkeypatch):
     monkeypatch.setattr(AutoChoiceStep, "_timed", injected(2e-3, 1e-3))

@@ -62,6 +62,7 @@ class Scheduled(BoringModel):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+@pytest.mark.slow  # compiles; kept out of the default suite's time budget (tests/test_step_fused.py checks the same with OneCycleLR)
 def test_lr_schedulers_never_recompile():
     for name in SCHEDULERS:
         torch.manual_seed(0)
@@ -74,6 +75,7 @@ def test_lr_schedulers_never_recompile():
         assert_close_models(eager_model, compiled_model)
 
 
+@pytest.mark.slow  # compiles; kept out of the default suite's time budget (the default runs that batch eagerly; test_step_fused.py compiles one)
 def test_smaller_last_batch_costs_one_more_graph_and_no_recompile_storm():
     model = BoringModel(optimizer="adam")
     reference = copy.deepcopy(model)
@@ -152,6 +154,7 @@ class TwoOptimizers(BoringModel):
         return [torch.optim.Adam(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
 
+@pytest.mark.slow  # compiles; kept out of the default suite's time budget (the parity fuzz regression #10 runs two optimizers)
 def test_several_optimizers_get_one_graph_each():
     model = TwoOptimizers()
     reference = copy.deepcopy(model)
@@ -163,6 +166,7 @@ def test_several_optimizers_get_one_graph_each():
         assert torch.allclose(trainer.callback_metrics[key], eager.callback_metrics[key], rtol=RTOL)
 
 
+@pytest.mark.slow  # compiles; kept out of the default suite's time budget (the parity fuzz sample compares counters with accumulation and clipping)
 def test_accumulation_and_clipping_counters_match_eager():
     model = BoringModel(optimizer="adam")
     reference = copy.deepcopy(model)

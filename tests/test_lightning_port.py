@@ -211,6 +211,7 @@ def test_early_stopping_stops_at_the_epoch_the_script_implies():
     assert [float(r["val_loss"]) for r in rows if r["val_loss"]] == [float(torch.tensor(v)) for v in model.script[:4]]
 
 
+@pytest.mark.slow  # a second compiled port; test_bug_report_model_compiled stays in the default suite
 @pytest.mark.compile
 def test_autoencoder_compiled(no_mode_override):
     model, trainer = fit_autoencoder(max_epochs=1, mode="compiled", log_every_n_steps=1)

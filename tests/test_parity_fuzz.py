@@ -1,8 +1,9 @@
 """scripts/parity_fuzz.py: random loop configurations agree between eager and compiled mode.
 
-The default suite runs a fixed sample of 6 configurations and two that found bugs from the seed-0 generator (chosen to
-cover one and two optimizers, frequencies, accumulation, both clipping algorithms, both
-scheduler intervals, BatchNorm and Dropout); ``pytest -m slow`` runs the first 50. Each
+The default suite runs a fixed sample of 2 configurations and the 2 that found bugs from the seed-0
+generator (together they cover one and two optimizers, frequencies, accumulation 1 and 4, both
+clipping algorithms, both scheduler intervals, BatchNorm and Dropout: the smallest such sample,
+to keep the suite's compile time down); ``pytest -m slow`` runs the first 50. Each
 compiled configuration costs 10-50 s of compiling on a 2-core CPU.
 """
 import copy
@@ -20,7 +21,7 @@ sys.modules["parity_fuzz"] = parity_fuzz  # dataclasses look their module up the
 _spec.loader.exec_module(parity_fuzz)
 
 SEED = 0
-DEFAULT_SAMPLE = (2, 4, 14, 18, 20, 29)
+DEFAULT_SAMPLE = (1, 3)
 CONFIGS = parity_fuzz.generate(50, SEED)
 
 
@@ -80,7 +81,7 @@ def test_fifty_configurations_agree(index):
 
 
 def test_default_sample_covers_the_features():
-    sample = [CONFIGS[i] for i in DEFAULT_SAMPLE]
+    sample = [CONFIGS[i] for i in DEFAULT_SAMPLE + REGRESSIONS]
     assert {len(c.optimizers) for c in sample} == {1, 2}
     assert any(c.frequencies for c in sample)
     assert {c.clip[0] for c in sample if c.clip} == {"norm", "value"}

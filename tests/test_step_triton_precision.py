@@ -245,7 +245,7 @@ def test_eager_trainer_uses_autocast_and_grad_scaler(precision):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16-mixed", marks=pytest.mark.slow), "16-mixed"])  # 16-mixed: autocast and the loss scale
 def test_compiled_mixed_precision_step_matches_uncompiled(precision):
     """autocast and the device loss scale traced inside the one fullgraph compiled function."""
     def run(compile):
