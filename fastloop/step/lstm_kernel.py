@@ -26,6 +26,7 @@ from torch.library import Library
 from torch.nn import functional as F
 
 from fastloop import _ext
+from fastloop.step.opaque_op import register_differentiable_op
 
 __all__ = ["lstm_layer_cpp", "cpp_lstm_unavailable"]
 
@@ -116,28 +117,7 @@ class _LSTMLoop(torch.autograd.Function):
         return dxproj, dw_hh, dh0, dc0, None
 
 
-def _forward_autograd(*args: Any) -> Tuple[Tensor, ...]:
-    from torch._functorch.utils import enable_single_level_autograd_function
-
-    if not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
-        # nothing to record (the compiled graph calls the op this way): skip the Function's overhead
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.fastloop.lstm_loop.default(*args)
-    with enable_single_level_autograd_function():  # as in onednn_lstm.py
-        return super(torch.autograd.Function, _LSTMLoop).apply(*args)  # type: ignore[misc]
-
-
-def _backward_autograd(*args: Any) -> Tuple[Tensor, ...]:
-    with torch._C._AutoDispatchBelowAutograd():  # no gradient of the gradient
-        return torch.ops.fastloop.lstm_loop_backward.default(*args)
-
-
-_lib.impl("lstm_loop", _forward, "CPU")
-_lib.impl("lstm_loop", _forward_autograd, "Autograd")
-_lib.impl("lstm_loop_backward", _backward, "CPU")
-_lib.impl("lstm_loop_backward", _backward_autograd, "Autograd")
-torch.library.register_fake("fastloop::lstm_loop", _forward_fake, lib=_lib)
-torch.library.register_fake("fastloop::lstm_loop_backward", _backward_fake, lib=_lib)
+register_differentiable_op(_lib, "lstm_loop", _LSTMLoop, _forward, _forward_fake, _backward, _backward_fake)
 
 
 def lstm_layer_cpp(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.library import Library
 
+from fastloop.step.opaque_op import register_differentiable_op
+
 __all__ = ["lstm_layer", "onednn_lstm_reason", "onednn_unavailable"]
 
 _LSTM = 2  # ideep::rnn_kind::LSTM, the ``mode`` argument of aten.mkldnn_rnn_layer
@@ -117,30 +119,7 @@ class _LSTMLayer(torch.autograd.Function):
         return dx, dw_ih, dw_hh, db, db, dh0, dc0, None, None
 
 
-def _forward_autograd(*args: Any) -> Tuple[Tensor, ...]:
-    from torch._functorch.utils import enable_single_level_autograd_function
-
-    if not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
-        # nothing to record (the compiled graph calls the op this way): skip the Function's overhead
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.fastloop.lstm_layer.default(*args)
-    # Function.apply would hand over to functorch's custom_function_call while transforms are
-    # active; here functorch has already unwrapped to this level, so plain autograd is right.
-    with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, _LSTMLayer).apply(*args)  # type: ignore[misc]
-
-
-def _backward_autograd(*args: Any) -> Tuple[Tensor, ...]:
-    with torch._C._AutoDispatchBelowAutograd():  # no gradient of the gradient
-        return torch.ops.fastloop.lstm_layer_backward.default(*args)
-
-
-_lib.impl("lstm_layer", _forward, "CPU")
-_lib.impl("lstm_layer", _forward_autograd, "Autograd")
-_lib.impl("lstm_layer_backward", _backward, "CPU")
-_lib.impl("lstm_layer_backward", _backward_autograd, "Autograd")
-torch.library.register_fake("fastloop::lstm_layer", _forward_fake, lib=_lib)
-torch.library.register_fake("fastloop::lstm_layer_backward", _backward_fake, lib=_lib)
+register_differentiable_op(_lib, "lstm_layer", _LSTMLayer, _forward, _forward_fake, _backward, _backward_fake)
 
 
 def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor, c0: Tensor,
